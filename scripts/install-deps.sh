@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Installs everything the build and the tests need, idempotently:
+#   - protoc (Debian's protobuf-compiler), needed at build time by etcd-client;
+#   - Consul 1.8.7 (Debian bullseye's `consul`) and etcd 3.4.23 (bookworm's
+#     `etcd-server`, `etcd-client`), unpacked into the git-ignored .tools/ folder
+#     without touching the system's apt configuration.
+# Afterwards: .tools/bin/{consul,etcd,etcdctl} exist.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tools="$root/.tools"
+bin="$tools/bin"
+mkdir -p "$bin"
+
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+
+sudo_if_needed() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# --- protoc -----------------------------------------------------------------
+if ! command -v protoc >/dev/null 2>&1; then
+    log "installing protobuf-compiler (apt)"
+    sudo_if_needed apt-get update -qq
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
+# --- Consul and etcd from Debian packages, privately -------------------------
+have() { [ -x "$bin/$1" ] && "$bin/$1" "$2" >/dev/null 2>&1; }
+if have consul version && have etcd --version && have etcdctl version; then
+    log "consul, etcd and etcdctl already in $bin"
+    exit 0
+fi
+
+# Use the same mirror the machine's own apt sources use.
+mirror=""
+for f in /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list.d/*.sources; do
+    [ -r "$f" ] || continue
+    mirror=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")
+    [ -n "$mirror" ] && break
+done
+if [ -z "$mirror" ] && [ -r /etc/apt/sources.list ]; then
+    mirror=$(awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }' /etc/apt/sources.list)
+fi
+[ -n "$mirror" ] || { log "cannot find a Debian mirror in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"; exit 1; }
+log "using mirror $mirror"
+
+apt_dir="$tools/apt"
+mkdir -p "$apt_dir/lists/partial" "$apt_dir/debs"
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+cat > "$apt_dir/sources.list" <<SRC
+deb [signed-by=$keyring] $mirror bullseye main
+deb [signed-by=$keyring] $mirror bookworm main
+SRC
+apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=/dev/null
+          -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::archives=$apt_dir/debs"
+          -o APT::Get::List-Cleanup=0)
+log "apt-get update (private lists in $apt_dir)"
+apt-get "${apt_opts[@]}" update -qq
+
+cd "$apt_dir/debs"
+# bullseye's consul 1.8.7; bookworm's etcd 3.4.23.
+consul_ver=$(apt-cache "${apt_opts[@]}" madison consul | awk -F'|' '/bullseye/ { gsub(/ /, "", $2); print $2; exit }')
+etcd_ver=$(apt-cache "${apt_opts[@]}" madison etcd-server | awk -F'|' '/bookworm/ { gsub(/ /, "", $2); print $2; exit }')
+[ -n "$consul_ver" ] || { log "consul not found in bullseye"; exit 1; }
+[ -n "$etcd_ver" ] || { log "etcd-server not found in bookworm"; exit 1; }
+log "downloading consul=$consul_ver etcd-server=$etcd_ver etcd-client=$etcd_ver"
+apt-get "${apt_opts[@]}" download -qq "consul=$consul_ver" "etcd-server=$etcd_ver" "etcd-client=$etcd_ver"
+
+unpack="$tools/root"
+mkdir -p "$unpack"
+for deb in consul_*.deb etcd-server_*.deb etcd-client_*.deb; do
+    dpkg-deb -x "$deb" "$unpack"
+done
+find_bin() { find "$unpack/usr" -type f -name "$1" -perm -u+x | head -n1; }
+for name in consul etcd etcdctl; do
+    path=$(find_bin "$name")
+    [ -n "$path" ] || { log "no $name binary inside the unpacked packages"; exit 1; }
+    ln -sf "$path" "$bin/$name"
+done
+"$bin/consul" version | head -n1 >&2
+"$bin/etcd" --version | head -n1 >&2
+log "done: $bin"

@@ -1,0 +1,121 @@
+//! Wires the pipeline: config scanner → reconciler (with its probes) → registry.
+//!
+//! Shutdown flows one way: SIGTERM/SIGINT → the root token → the scanner and
+//! the reconciler, which stops its probes and (when configured) deregisters.
+//! SIGHUP, file-system events and a slow periodic resync all trigger the same
+//! full rescan of the services directory.
+
+use crate::config::scan::Loader;
+use crate::config::watch::{DirWatcher, DEBOUNCE};
+use crate::config::{agent, AgentConfig, BackendConfig, ServiceSpec};
+use crate::reconcile::Reconciler;
+use crate::registry::consul::client::ConsulClient;
+use crate::registry::consul::Consul;
+use crate::registry::Registry;
+use anyhow::Context;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Safety-net rescan of the services directory, whatever the watcher says.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(30);
+
+/// Run the agent until SIGTERM/SIGINT (or `shutdown` is cancelled).
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let reload = Arc::new(Notify::new());
+    spawn_signals(shutdown.clone(), reload.clone())?;
+    tracing::info!(config = %config.path.display(), services_dir = %config.services_dir.display(), node = %config.node, backend = config.backend.kind().as_str(), "tether starting");
+    match &config.backend {
+        BackendConfig::Consul(c) => {
+            let token = c.token_file.as_deref().map(agent::read_secret).transpose()?;
+            let client = ConsulClient::new(&c.address, token).context("building the Consul HTTP client")?;
+            run_with(Consul::new(client, &config.node), &config, reload, shutdown).await
+        }
+        BackendConfig::Etcd(_) => anyhow::bail!("{}: the etcd backend is not available in this build yet; use [consul]", config.path.display()),
+    }
+}
+
+async fn run_with<R: Registry>(registry: R, config: &AgentConfig, reload: Arc<Notify>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let reconciler = Reconciler::new(registry, &config.node, config.deregister_on_shutdown);
+    let (desired_tx, desired_rx) = mpsc::channel(4);
+    let reconcile_token = shutdown.child_token();
+    let reconcile = tokio::spawn(reconciler.run(desired_rx, reconcile_token.clone()));
+
+    let mut watcher = match DirWatcher::new(&config.services_dir, reload.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %config.services_dir.display(), error = %e, "cannot watch the services directory; relying on rescans every {:?} and SIGHUP", RESYNC_EVERY);
+            None
+        }
+    };
+    let mut loader = Loader::new(config.services_dir.clone(), config.defaults());
+    let mut scanner = Scanner::default();
+    loop {
+        if let Some(set) = scanner.scan(&mut loader) {
+            if desired_tx.send(set).await.is_err() {
+                break;
+            }
+        }
+        if let Some(w) = watcher.as_mut() {
+            w.refresh();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = reload.notified() => {}
+            _ = tokio::time::sleep(RESYNC_EVERY) => {}
+        }
+        // Let a burst of events (an editor's save, a ConfigMap swap) settle.
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+    reconcile_token.cancel();
+    reconcile.await.context("reconciler task")?;
+    tracing::info!("tether stopped");
+    Ok(())
+}
+
+/// Turns scans into desired sets, logging each configuration error once.
+#[derive(Default)]
+struct Scanner {
+    last: Option<BTreeMap<String, ServiceSpec>>,
+    errors: BTreeSet<String>,
+}
+
+impl Scanner {
+    /// Scan; return the desired set if it differs from the last one sent.
+    fn scan(&mut self, loader: &mut Loader) -> Option<BTreeMap<String, ServiceSpec>> {
+        let scan = loader.scan();
+        let errors: BTreeSet<String> = scan.errors.iter().map(|e| e.to_string()).collect();
+        for e in errors.difference(&self.errors) {
+            tracing::error!("{e} (the last good version of this file, if any, keeps running)");
+        }
+        for e in self.errors.difference(&errors) {
+            tracing::info!("resolved: {e}");
+        }
+        self.errors = errors;
+        if self.last.as_ref() == Some(&scan.services) {
+            return None;
+        }
+        self.last = Some(scan.services.clone());
+        Some(scan.services)
+    }
+}
+
+fn spawn_signals(shutdown: CancellationToken, reload: Arc<Notify>) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+                _ = hup.recv() => { tracing::info!("SIGHUP: reloading services"); reload.notify_one(); }
+            }
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

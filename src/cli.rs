@@ -1,0 +1,205 @@
+//! The command line: `run`, `validate`, `check`.
+
+use crate::config::{agent, scan, Defaults};
+use crate::health::probe::{code_name, describe, observe_status};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "tether", version, about = "Keeps Consul or etcd truthful about gRPC services (grpc.health.v1)")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent (the daemon).
+    Run {
+        #[arg(long, default_value = agent::DEFAULT_PATH)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Check the agent config and service files offline; exit 1 on any error.
+    Validate {
+        #[arg(long, default_value = agent::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Service files or directories to check instead of the configured services_dir.
+        paths: Vec<PathBuf>,
+    },
+    /// Probe one gRPC server once. Exit codes as grpc_health_probe: 0 SERVING,
+    /// 1 bad arguments, 2 connection failure, 3 RPC failure, 4 not SERVING.
+    Check {
+        /// host:port of the gRPC server.
+        addr: String,
+        /// HealthCheckRequest.service ("" = the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::config::duration::parse(s)
+}
+
+/// Parse arguments and run; the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    match cli.command {
+        Command::Run { config, log_format } => {
+            init_logging(log_format);
+            let config = match agent::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("tether: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(crate::app::run(config, CancellationToken::new())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("tether: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Validate { config, paths } => validate(&config, &paths),
+        Command::Check { addr, service, timeout } => runtime.block_on(check(&addr, &service, timeout)),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // journald stamps every line itself.
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (format, under_journald) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Text, true) => builder.without_time().with_ansi(false).init(),
+        (LogFormat::Text, false) => builder.init(),
+    }
+}
+
+fn validate(config: &std::path::Path, paths: &[PathBuf]) -> ExitCode {
+    let mut errors = Vec::new();
+    let agent = match agent::load(config) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            // Checking only service files needs no agent config if none is there.
+            let missing = !config.exists() && config == std::path::Path::new(agent::DEFAULT_PATH) && !paths.is_empty();
+            if !missing {
+                errors.push(e.to_string());
+            }
+            None
+        }
+    };
+    let defaults = agent.as_ref().map(|a| a.defaults()).unwrap_or_else(|| Defaults {
+        node: gethostname::gethostname().to_string_lossy().into_owned(),
+        address: agent::primary_ip(),
+        backend: crate::config::BackendKind::Consul,
+    });
+    let mut files = Vec::new();
+    let dirs: Vec<PathBuf> = if paths.is_empty() { agent.iter().map(|a| a.services_dir.clone()).collect() } else { paths.to_vec() };
+    for p in &dirs {
+        if p.is_dir() {
+            match scan::list_files(p) {
+                Ok(f) => files.extend(f),
+                Err(e) => errors.push(e.to_string()),
+            }
+        } else if paths.is_empty() {
+            errors.push(crate::config::ConfigError::new(p, "services directory does not exist", "create it, or fix services_dir").to_string());
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let result = scan::scan_files(&files, &defaults);
+    errors.extend(result.errors.iter().map(|e| e.to_string()));
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    if errors.is_empty() {
+        println!("ok: {} service(s) valid{}", result.services.len(), agent.map(|a| format!(", agent config {}", a.path.display())).unwrap_or_default());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} error(s)", errors.len());
+        ExitCode::from(1)
+    }
+}
+
+async fn check(addr: &str, service_name: &str, timeout: Duration) -> ExitCode {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(e) => e.connect_timeout(timeout),
+        Err(e) => {
+            eprintln!("error: bad address {addr:?}: {e}; write it as host:port");
+            return ExitCode::from(1);
+        }
+    };
+    let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            eprintln!("error: failed to connect to {addr}: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+        Err(_) => {
+            eprintln!("error: timed out connecting to {addr} after {}", humantime::format_duration(timeout));
+            return ExitCode::from(2);
+        }
+    };
+    let mut req = tonic::Request::new(HealthCheckRequest { service: service_name.to_string() });
+    req.set_timeout(timeout);
+    let result = tokio::time::timeout(timeout, HealthClient::new(channel).check(req)).await;
+    match result {
+        Err(_) => {
+            eprintln!("error: health rpc failed: deadline exceeded after {}", humantime::format_duration(timeout));
+            ExitCode::from(3)
+        }
+        Ok(Err(status)) => {
+            eprintln!("error: health rpc failed: {} ({})", describe(&status, timeout), code_name(status.code()));
+            ExitCode::from(3)
+        }
+        Ok(Ok(resp)) => {
+            let obs = observe_status(resp.into_inner().status);
+            println!("status: {}", obs.output);
+            if obs.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(4)
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+

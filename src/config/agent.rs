@@ -1,0 +1,247 @@
+//! The agent's own configuration file (`/etc/tether/tether.toml` by default).
+
+use super::error::{from_toml, ConfigError};
+use super::service::{read_file, Defaults};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+pub const DEFAULT_PATH: &str = "/etc/tether/tether.toml";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Consul,
+    Etcd,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Consul => "Consul",
+            BackendKind::Etcd => "etcd",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsulConfig {
+    /// Base URL of the local Consul agent's HTTP API.
+    pub address: String,
+    /// File holding the ACL token (sent as X-Consul-Token).
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// Keys are `<prefix>/<name>/<id>`; no leading or trailing '/'.
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    Consul(ConsulConfig),
+    Etcd(EtcdConfig),
+}
+
+impl BackendConfig {
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            BackendConfig::Consul(_) => BackendKind::Consul,
+            BackendConfig::Etcd(_) => BackendKind::Etcd,
+        }
+    }
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub path: PathBuf,
+    pub services_dir: PathBuf,
+    /// Owner recorded on every registration.
+    pub node: String,
+    /// Local HTTP listener for status and metrics; `None` = off.
+    pub listen: Option<SocketAddr>,
+    pub deregister_on_shutdown: bool,
+    pub backend: BackendConfig,
+}
+
+impl AgentConfig {
+    /// What service files inherit from the agent.
+    pub fn defaults(&self) -> Defaults {
+        Defaults { node: self.node.clone(), address: primary_ip(), backend: self.backend.kind() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    services_dir: Option<PathBuf>,
+    node: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
+    deregister_on_shutdown: Option<bool>,
+    consul: Option<Spanned<RawConsul>>,
+    etcd: Option<Spanned<RawEtcd>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsul {
+    address: Option<Spanned<String>>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    endpoints: Spanned<Vec<String>>,
+    prefix: Option<Spanned<String>>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+/// Read and validate the agent configuration file.
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+    let text = read_file(path)?;
+    parse(path, &text)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+    let raw: RawAgent = toml::from_str(text).map_err(|e| from_toml(path, text, &e))?;
+    let err = |span, msg: String, hint: &str| ConfigError::new(path, msg, hint).at(text, Some(span));
+    let base = path.parent().unwrap_or(Path::new("."));
+    let services_dir = base.join(raw.services_dir.unwrap_or_else(|| PathBuf::from("/etc/tether/services.d")));
+    let node = match raw.node {
+        Some(n) => {
+            let s = n.get_ref().trim();
+            if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control() || c.is_whitespace() || c == '/') {
+                return Err(err(n.span(), format!("node {:?} is not a valid node name", n.get_ref()), "use a host-name-like string, or leave it out for the host name"));
+            }
+            s.to_string()
+        }
+        None => gethostname::gethostname().to_string_lossy().into_owned(),
+    };
+    let listen = match raw.listen {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9469))),
+        Some(l) if l.get_ref().is_empty() => None,
+        Some(l) => Some(l.get_ref().parse::<SocketAddr>().map_err(|_| {
+            err(l.span(), format!("listen {:?} is not an address:port", l.get_ref()), "write it as \"127.0.0.1:9469\", or \"\" to turn the listener off")
+        })?),
+    };
+    let backend = match (raw.consul, raw.etcd) {
+        (Some(_), Some(e)) => {
+            return Err(err(e.span(), "both [consul] and [etcd] are set".into(), "keep exactly one registry section"));
+        }
+        (None, None) => {
+            return Err(ConfigError::new(path, "no registry configured", "add a [consul] or an [etcd] section"));
+        }
+        (Some(c), None) => {
+            let c = c.into_inner();
+            let address = match c.address {
+                None => "http://127.0.0.1:8500".to_string(),
+                Some(a) => {
+                    let s = a.get_ref().trim_end_matches('/');
+                    match reqwest::Url::parse(s) {
+                        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => s.to_string(),
+                        _ => return Err(err(a.span(), format!("consul address {:?} is not an http(s) URL", a.get_ref()), "write it as \"http://127.0.0.1:8500\"")),
+                    }
+                }
+            };
+            BackendConfig::Consul(ConsulConfig { address, token_file: c.token_file.map(|p| base.join(p)) })
+        }
+        (None, Some(e)) => {
+            let span = e.span();
+            let e = e.into_inner();
+            if e.endpoints.get_ref().is_empty() {
+                return Err(err(e.endpoints.span(), "etcd endpoints is empty".into(), "list at least one endpoint, e.g. [\"http://127.0.0.1:2379\"]"));
+            }
+            for ep in e.endpoints.get_ref() {
+                match reqwest::Url::parse(ep) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                    _ => return Err(err(e.endpoints.span(), format!("etcd endpoint {ep:?} is not an http(s) URL"), "write endpoints as \"http://host:2379\"")),
+                }
+            }
+            let prefix = match e.prefix {
+                None => "services".to_string(),
+                Some(p) => {
+                    let s = p.get_ref();
+                    if s.is_empty() || s.starts_with('/') || s.ends_with('/') || s.contains("//") {
+                        return Err(err(p.span(), format!("etcd prefix {s:?} must be non-empty with no leading or trailing '/'"), "write it as \"services\" (gRPC's resolver trims one leading '/')"));
+                    }
+                    s.clone()
+                }
+            };
+            if e.username.is_some() != e.password_file.is_some() {
+                return Err(err(span, "etcd username and password_file go together".into(), "set both or neither"));
+            }
+            BackendConfig::Etcd(EtcdConfig { endpoints: e.endpoints.into_inner(), prefix, username: e.username, password_file: e.password_file.map(|p| base.join(p)) })
+        }
+    };
+    Ok(AgentConfig {
+        path: path.to_path_buf(),
+        services_dir,
+        node,
+        listen,
+        deregister_on_shutdown: raw.deregister_on_shutdown.unwrap_or(true),
+        backend,
+    })
+}
+
+/// Read a secret (token, password) from a file; surrounding white space is dropped.
+pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, format!("cannot read secret file: {e}"), "check the path and that tether may read it"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            if m.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %path.display(), "secret file is readable by group or others; chmod 600 it");
+            }
+        }
+    }
+    Ok(text.trim().to_string())
+}
+
+/// This host's primary non-loopback IP (IPv4 preferred), or 127.0.0.1.
+pub fn primary_ip() -> String {
+    let addrs = if_addrs::get_if_addrs().unwrap_or_default();
+    let pick = |v4: bool| addrs.iter().find(|i| !i.is_loopback() && i.ip().is_ipv4() == v4 && !i.ip().is_unspecified()).map(|i| i.ip().to_string());
+    pick(true).or_else(|| pick(false)).unwrap_or_else(|| "127.0.0.1".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consul_config() {
+        let c = parse(Path::new("/etc/tether/tether.toml"), "services_dir = \"services.d\"\nnode = \"web-1\"\nlisten = \"\"\n[consul]\naddress = \"http://127.0.0.1:8500/\"\ntoken_file = \"consul.token\"\n").unwrap();
+        assert_eq!(c.services_dir, Path::new("/etc/tether/services.d"));
+        assert_eq!(c.node, "web-1");
+        assert!(c.listen.is_none());
+        assert!(c.deregister_on_shutdown);
+        let BackendConfig::Consul(consul) = c.backend else { panic!() };
+        assert_eq!(consul.address, "http://127.0.0.1:8500");
+        assert_eq!(consul.token_file.unwrap(), Path::new("/etc/tether/consul.token"));
+    }
+
+    #[test]
+    fn exactly_one_backend() {
+        let e = parse(Path::new("t.toml"), "node = \"a\"\n").unwrap_err();
+        assert!(e.to_string().contains("no registry"), "{e}");
+        let e = parse(Path::new("t.toml"), "[consul]\n[etcd]\nendpoints = [\"http://x:1\"]\n").unwrap_err();
+        assert!(e.to_string().contains("both"), "{e}");
+    }
+
+    #[test]
+    fn etcd_config() {
+        let c = parse(Path::new("t.toml"), "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n").unwrap();
+        let BackendConfig::Etcd(e) = c.backend else { panic!() };
+        assert_eq!(e.prefix, "services");
+        let err = parse(Path::new("t.toml"), "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/services\"\n").unwrap_err();
+        assert_eq!(err.place.map(|p| p.0), Some(3), "{err}");
+    }
+}

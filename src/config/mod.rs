@@ -1,0 +1,18 @@
+//! Configuration: the agent's own file and the per-service drop-in files.
+//!
+//! Raw TOML structs are parsed with `deny_unknown_fields` and validated into
+//! [`AgentConfig`] and [`ServiceSpec`]; `tether validate` and `tether run` share
+//! this one parser. [`scan`] turns a directory into the desired set of services,
+//! keeping the last good version of a file that stops parsing; [`watch`] turns
+//! file-system events into "rescan now" signals.
+
+pub mod agent;
+pub mod duration;
+pub mod error;
+pub mod scan;
+pub mod service;
+pub mod watch;
+
+pub use agent::{AgentConfig, BackendConfig, BackendKind, ConsulConfig, EtcdConfig};
+pub use error::ConfigError;
+pub use service::{CheckMode, CheckSpec, Defaults, ServiceSpec};

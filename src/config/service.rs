@@ -1,0 +1,394 @@
+//! One service file (`services_dir/*.toml`) → a validated [`ServiceSpec`].
+
+use super::agent::BackendKind;
+use super::duration::GoDuration;
+use super::error::{from_toml, ConfigError};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// Largest service file tether reads; anything bigger is a mistake.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+const DEFAULT_TTL: Duration = Duration::from_secs(15);
+const DEFAULT_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
+/// Consul's own minimum for DeregisterCriticalServiceAfter.
+pub const CONSUL_MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
+/// etcd's minimum lease TTL at default settings.
+pub const ETCD_MIN_TTL: Duration = Duration::from_secs(2);
+const MIN_TTL: Duration = Duration::from_secs(1);
+
+/// What a service file does not say but the agent knows.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub node: String,
+    /// The host's primary non-loopback IP.
+    pub address: String,
+    pub backend: BackendKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CheckMode {
+    Watch,
+    Poll,
+}
+
+impl CheckMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckMode::Watch => "watch",
+            CheckMode::Poll => "poll",
+        }
+    }
+}
+
+/// How one service is health-checked over grpc.health.v1.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckSpec {
+    /// host:port of the gRPC server.
+    pub target: String,
+    /// `HealthCheckRequest.service`; empty = the whole server.
+    pub service: String,
+    pub mode: CheckMode,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// A validated service definition: what the registry should say about one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// The file it came from.
+    pub file: PathBuf,
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    pub ttl: Duration,
+    pub deregister_critical_after: Duration,
+    pub check: CheckSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    id: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    port: Spanned<i64>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    #[serde(default)]
+    meta: BTreeMap<Spanned<String>, Spanned<String>>,
+    ttl: Option<Spanned<GoDuration>>,
+    deregister_critical_after: Option<Spanned<GoDuration>>,
+    #[serde(default)]
+    check: RawCheck,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    target: Option<Spanned<String>>,
+    service: Option<String>,
+    mode: Option<Spanned<String>>,
+    interval: Option<GoDuration>,
+    timeout: Option<GoDuration>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+}
+
+/// Meta keys tether writes itself; a service file may not set them.
+pub const RESERVED_META: [&str; 2] = ["managed-by", "tether-node"];
+
+/// Read and validate one service file.
+pub fn load(path: &Path, defaults: &Defaults) -> Result<ServiceSpec, ConfigError> {
+    let text = read_file(path)?;
+    parse(path, &text, defaults)
+}
+
+/// Read a configuration file as text, with errors that say what to do.
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                if std::fs::symlink_metadata(path).is_ok() {
+                    "it is a dangling symlink: point it at an existing file or remove it"
+                } else {
+                    "check the path"
+                }
+            }
+            std::io::ErrorKind::PermissionDenied => "make it readable by the user tether runs as",
+            _ => "check the file",
+        };
+        ConfigError::new(path, format!("cannot read file: {e}"), hint)
+    })?;
+    if meta.is_dir() {
+        return Err(ConfigError::new(path, "is a directory, not a file", "rename or remove it"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(ConfigError::new(
+            path,
+            format!("file is {} bytes, more than the {} bytes a service file may have", meta.len(), MAX_FILE_BYTES),
+            "is this the right file? service files are a few lines of TOML",
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            "make it readable by the user tether runs as"
+        } else {
+            "check the file"
+        };
+        ConfigError::new(path, format!("cannot read file: {e}"), hint)
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        ConfigError::new(
+            path,
+            format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+            "write the file as UTF-8 TOML",
+        )
+    })
+}
+
+/// Parse and validate service-file text.
+pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec, ConfigError> {
+    let raw: RawService = toml::from_str(text).map_err(|e| from_toml(path, text, &e))?;
+    let err = |span: std::ops::Range<usize>, msg: String, hint: &str| ConfigError::new(path, msg, hint).at(text, Some(span));
+
+    let name = raw.name.get_ref().trim().to_string();
+    if let Err(why) = check_name(&name) {
+        return Err(err(raw.name.span(), format!("name {:?} {why}", raw.name.get_ref()), NAME_HINT));
+    }
+    let port = *raw.port.get_ref();
+    if !(1..=65535).contains(&port) {
+        return Err(err(raw.port.span(), format!("port {port} is out of range"), "use a port from 1 to 65535"));
+    }
+    let port = port as u16;
+    let id = match &raw.id {
+        Some(id) => {
+            if let Err(why) = check_name(id.get_ref()) {
+                return Err(err(id.span(), format!("id {:?} {why}", id.get_ref()), NAME_HINT));
+            }
+            id.get_ref().clone()
+        }
+        None => format!("{name}-{}-{port}", sanitize(&defaults.node)),
+    };
+    let address = match &raw.address {
+        Some(a) => {
+            let a_str = a.get_ref().trim();
+            if a_str.is_empty() || a_str.contains(char::is_whitespace) || a_str.contains('/') {
+                return Err(err(a.span(), format!("address {:?} is not a host name or IP", a.get_ref()), "give an IP such as \"10.0.0.5\" or a host name, or leave it out to advertise this host's primary IP"));
+            }
+            a_str.to_string()
+        }
+        None => defaults.address.clone(),
+    };
+    let mut tags = Vec::new();
+    for tag in &raw.tags {
+        let t = tag.get_ref();
+        if t.is_empty() || t.len() > 255 || t.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(err(tag.span(), format!("tag {t:?} is empty, too long or has spaces or control characters"), "use short tags of printable characters without spaces"));
+        }
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
+    let mut meta = BTreeMap::new();
+    if raw.meta.len() > 62 {
+        return Err(ConfigError::new(path, format!("{} meta keys, more than the 62 a service may have", raw.meta.len()), "drop some meta keys"));
+    }
+    for (k, v) in &raw.meta {
+        let key = k.get_ref();
+        if RESERVED_META.contains(&key.as_str()) || key.starts_with("consul-") {
+            return Err(err(k.span(), format!("meta key {key:?} is reserved"), "tether sets managed-by and tether-node itself, and Consul reserves consul-*; use another key"));
+        }
+        if key.is_empty() || key.len() > 128 || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(err(k.span(), format!("meta key {key:?} is not valid"), "use 1-128 ASCII letters, digits, '_' or '-'"));
+        }
+        if v.get_ref().len() > 512 {
+            return Err(err(v.span(), format!("meta value for {key:?} is longer than 512 bytes"), "shorten it"));
+        }
+        meta.insert(key.clone(), v.get_ref().clone());
+    }
+
+    let ttl = raw.ttl.as_ref().map_or(DEFAULT_TTL, |d| d.get_ref().0);
+    let ttl_min = match defaults.backend {
+        BackendKind::Etcd => ETCD_MIN_TTL,
+        BackendKind::Consul => MIN_TTL,
+    };
+    if ttl < ttl_min {
+        let span = raw.ttl.as_ref().map(|d| d.span()).unwrap_or(0..0);
+        return Err(err(span, format!("ttl {} is below the {} minimum of {}", super::duration::go(ttl), defaults.backend.as_str(), super::duration::go(ttl_min)), "raise ttl"));
+    }
+    let deregister_critical_after = raw.deregister_critical_after.as_ref().map_or(DEFAULT_DEREGISTER_AFTER, |d| d.get_ref().0);
+    if defaults.backend == BackendKind::Consul && deregister_critical_after < CONSUL_MIN_DEREGISTER_AFTER {
+        let span = raw.deregister_critical_after.as_ref().map(|d| d.span()).unwrap_or(0..0);
+        return Err(err(span, format!("deregister_critical_after {} is below Consul's minimum of 1m", super::duration::go(deregister_critical_after)), "use \"1m\" or more"));
+    }
+
+    let c = raw.check;
+    let target = match &c.target {
+        Some(t) => {
+            let s = t.get_ref().trim();
+            if !valid_target(s) {
+                return Err(err(t.span(), format!("check target {:?} is not host:port", t.get_ref()), "write it as \"127.0.0.1:50051\" or \"localhost:50051\""));
+            }
+            s.to_string()
+        }
+        None => format!("127.0.0.1:{port}"),
+    };
+    let mode = match &c.mode {
+        None => CheckMode::Watch,
+        Some(m) => match m.get_ref().as_str() {
+            "watch" => CheckMode::Watch,
+            "poll" => CheckMode::Poll,
+            other => return Err(err(m.span(), format!("check mode {other:?} is not known"), "use \"watch\" or \"poll\"")),
+        },
+    };
+    let interval = c.interval.map_or(Duration::from_secs(5), |d| d.0);
+    let timeout = c.timeout.map_or(Duration::from_secs(2), |d| d.0);
+    let threshold = |v: &Option<Spanned<i64>>, what: &str| -> Result<u32, ConfigError> {
+        match v {
+            None => Ok(1),
+            Some(v) if (1..=100).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
+            Some(v) => Err(err(v.span(), format!("check {what} = {} is out of range", v.get_ref()), "use a count from 1 to 100")),
+        }
+    };
+    let rise = threshold(&c.rise, "rise")?;
+    let fall = threshold(&c.fall, "fall")?;
+
+    Ok(ServiceSpec {
+        file: path.to_path_buf(),
+        id,
+        name,
+        address,
+        port,
+        tags,
+        meta,
+        ttl,
+        deregister_critical_after,
+        check: CheckSpec { target, service: c.service.unwrap_or_default(), mode, interval, timeout, rise, fall },
+    })
+}
+
+const NAME_HINT: &str = "use 1-128 ASCII letters, digits, '-', '_' or '.', starting with a letter or digit";
+
+/// Names and ids end up in URLs (Consul) and key paths (etcd): keep them plain.
+pub fn check_name(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("is empty");
+    }
+    if s.len() > 128 {
+        return Err("is longer than 128 characters");
+    }
+    if !s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+        return Err("must start with a letter or digit");
+    }
+    if !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err("has characters other than letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+/// A node name made safe for use inside a default id.
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' }).collect()
+}
+
+fn valid_target(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else { return false };
+    let host_ok = !host.is_empty() && !host.contains(char::is_whitespace) && !host.contains('/');
+    host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Defaults {
+        Defaults { node: "web-1".into(), address: "10.1.1.1".into(), backend: BackendKind::Consul }
+    }
+
+    fn parse_str(text: &str) -> Result<ServiceSpec, ConfigError> {
+        parse(Path::new("/etc/tether/services.d/orders.toml"), text, &defaults())
+    }
+
+    #[test]
+    fn full_file() {
+        let s = parse_str(
+            r#"
+name = "orders"
+id = "orders-1"
+address = "10.0.0.5"
+port = 50051
+tags = ["grpc", "v1"]
+meta = { version = "1.2.3" }
+ttl = "10s"
+deregister_critical_after = "2m"
+[check]
+target = "127.0.0.1:6000"
+service = "orders.v1.Orders"
+mode = "poll"
+interval = "1s"
+timeout = "500ms"
+rise = 2
+fall = 3
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.id, "orders-1");
+        assert_eq!(s.address, "10.0.0.5");
+        assert_eq!(s.tags, vec!["grpc", "v1"]);
+        assert_eq!(s.meta["version"], "1.2.3");
+        assert_eq!(s.ttl, Duration::from_secs(10));
+        assert_eq!(s.deregister_critical_after, Duration::from_secs(120));
+        assert_eq!(s.check.mode, CheckMode::Poll);
+        assert_eq!(s.check.timeout, Duration::from_millis(500));
+        assert_eq!((s.check.rise, s.check.fall), (2, 3));
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let s = parse_str("name = \"orders\"\nport = 50051\n").unwrap();
+        assert_eq!(s.id, "orders-web-1-50051");
+        assert_eq!(s.address, "10.1.1.1");
+        assert_eq!(s.check.target, "127.0.0.1:50051");
+        assert_eq!(s.check.mode, CheckMode::Watch);
+        assert_eq!(s.ttl, Duration::from_secs(15));
+        assert_eq!(s.deregister_critical_after, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let e = parse_str("name = \"orders\"\nport = 70000\n").unwrap_err();
+        assert_eq!(e.place, Some((2, 8)), "{e}");
+        assert!(e.to_string().contains("port 70000 is out of range"), "{e}");
+        let e = parse_str("name = \"orders\"\nport = 1\nprot = 2\n").unwrap_err();
+        assert_eq!(e.place.map(|p| p.0), Some(3), "{e}");
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = parse_str("name = \"\"\nport = 1\n").unwrap_err();
+        assert!(e.to_string().contains("is empty"), "{e}");
+        let e = parse_str("name = \"a\"\nport = 1\nttl = \"0s\"\n").unwrap_err();
+        assert_eq!(e.place.map(|p| p.0), Some(3), "{e}");
+        let e = parse_str("name = \"a\"\nport = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        let e = parse_str("name = \"a/b\"\nport = 1\n").unwrap_err();
+        assert!(e.to_string().contains("characters"), "{e}");
+        let e = parse_str("name = \"a\"\nport = 1\nmeta = { managed-by = \"me\" }\n").unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+        let e = parse_str("name = \"a\"\nport = 1\nderegister_critical_after = \"30s\"\n").unwrap_err();
+        assert!(e.to_string().contains("minimum of 1m"), "{e}");
+    }
+
+    #[test]
+    fn etcd_rejects_short_ttl() {
+        let d = Defaults { backend: BackendKind::Etcd, ..defaults() };
+        let e = parse(Path::new("x.toml"), "name = \"a\"\nport = 1\nttl = \"1s\"\n", &d).unwrap_err();
+        assert!(e.to_string().contains("etcd minimum of 2s"), "{e}");
+    }
+}

@@ -1,0 +1,61 @@
+//! File-system events on the services directory → "rescan now".
+//!
+//! Events are not interpreted: any event, rescan flag or watcher error only
+//! wakes the scanner, which reads the whole directory (see [`super::scan`]).
+//! The parent directory is watched as well, so a removed and re-created
+//! services directory is noticed; [`DirWatcher::refresh`] re-attaches the
+//! watch when the directory's identity changes.
+
+use notify_debouncer_full::notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How long events are gathered before a rescan.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+pub struct DirWatcher {
+    debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    dir: PathBuf,
+    /// (device, inode) of the directory currently watched.
+    watched: Option<(u64, u64)>,
+}
+
+impl DirWatcher {
+    /// Start watching `dir` (and its parent); `trigger` is notified on any event.
+    pub fn new(dir: &Path, trigger: Arc<Notify>) -> notify::Result<Self> {
+        let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
+            if let Err(errors) = &result {
+                tracing::warn!(?errors, "config directory watcher error; rescanning");
+            }
+            trigger.notify_one();
+        })?;
+        if let Some(parent) = dir.parent().filter(|p| p.exists()) {
+            debouncer.watch(parent, RecursiveMode::NonRecursive)?;
+        }
+        let mut w = DirWatcher { debouncer, dir: dir.to_path_buf(), watched: None };
+        w.refresh();
+        Ok(w)
+    }
+
+    /// Re-attach the watch if the directory was removed, re-created or replaced.
+    pub fn refresh(&mut self) {
+        let now = std::fs::metadata(&self.dir).ok().map(|m| (m.dev(), m.ino()));
+        if now == self.watched {
+            return;
+        }
+        if self.watched.is_some() {
+            let _ = self.debouncer.unwatch(&self.dir);
+        }
+        self.watched = None;
+        if now.is_some() {
+            match self.debouncer.watch(&self.dir, RecursiveMode::NonRecursive) {
+                Ok(()) => self.watched = now,
+                Err(e) => tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch services directory; relying on periodic rescans"),
+            }
+        }
+    }
+}

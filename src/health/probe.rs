@@ -1,0 +1,241 @@
+//! grpc.health.v1 probes: a pull-based stream of [`Observation`]s for one target.
+//!
+//! Watch mode opens `Health/Watch` and yields one observation per message.
+//! While the stream is quiet it sends a unary `Check` every `interval` on the
+//! same connection: that re-confirms the state for rise/fall counting and
+//! catches a frozen (SIGSTOPped) server by its deadline. HTTP/2 keepalive pings
+//! are deliberately not used: grpc-go servers answer pings more frequent than
+//! their enforcement policy (5 minutes by default) with GOAWAY "too_many_pings".
+//! Any non-SERVING message, stream end or error is a failure. A stream end or
+//! error is re-opened with capped, jittered exponential backoff. A stream that
+//! says "not serving" is kept for a short grace (a quick return to SERVING is
+//! seen at once) and then dropped and re-opened: a tonic or grpc-go server's
+//! graceful shutdown waits for open Watch streams, so holding one would stall
+//! the service's own shutdown. UNIMPLEMENTED on Watch falls back to polling
+//! `Check`.
+//!
+//! Poll mode calls `Check` every `interval` with `timeout` as the deadline.
+
+use super::Observation;
+use crate::config::{CheckMode, CheckSpec};
+use rand::Rng;
+use std::time::Duration;
+use tokio::time::{sleep, timeout, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status, Streaming};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+/// First reconnect delay; doubles up to the check interval.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+/// How long a Watch stream is kept open after a non-SERVING message, so that a
+/// quick return to SERVING is seen at once, before it is dropped and re-opened.
+const NOT_SERVING_GRACE: Duration = Duration::from_secs(1);
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400)
+}
+
+pub struct Probe {
+    spec: CheckSpec,
+    client: HealthClient<Channel>,
+    /// Watch mode, until the server says Watch is UNIMPLEMENTED.
+    watching: bool,
+    stream: Option<Streaming<HealthCheckResponse>>,
+    /// Delay before the next reconnect; `None` = connect now.
+    backoff: Option<Duration>,
+    /// When to drop a stream that keeps saying the service is not serving.
+    drop_at: Option<Instant>,
+    /// When the next periodic observation is due.
+    next_tick: Instant,
+    logged_fallback: bool,
+}
+
+impl Probe {
+    pub fn new(spec: CheckSpec) -> Result<Self, String> {
+        let client = HealthClient::new(channel(&spec.target, spec.timeout)?);
+        let watching = spec.mode == CheckMode::Watch;
+        Ok(Probe { client, watching, stream: None, backoff: None, drop_at: None, next_tick: Instant::now(), logged_fallback: false, spec })
+    }
+
+    /// Wait for and return the next observation.
+    pub async fn next(&mut self) -> Observation {
+        if self.watching {
+            self.next_watch().await
+        } else {
+            self.next_poll().await
+        }
+    }
+
+    async fn next_poll(&mut self) -> Observation {
+        tokio::time::sleep_until(self.next_tick).await;
+        self.next_tick = Instant::now() + self.spec.interval;
+        self.check().await
+    }
+
+    async fn next_watch(&mut self) -> Observation {
+        loop {
+            if self.stream.is_none() {
+                if let Some(delay) = self.backoff {
+                    sleep(jitter(delay)).await;
+                }
+                let req = HealthCheckRequest { service: self.spec.service.clone() };
+                match timeout(self.spec.timeout, self.client.watch(req)).await {
+                    Err(_) => return self.fail(format!("deadline exceeded after {} opening Watch", humantime::format_duration(self.spec.timeout))),
+                    Ok(Err(status)) if status.code() == Code::Unimplemented => {
+                        if !self.logged_fallback {
+                            tracing::warn!(target = %self.spec.target, "server does not implement grpc.health.v1 Watch; polling Check instead");
+                            self.logged_fallback = true;
+                        }
+                        self.watching = false;
+                        self.backoff = None;
+                        return self.next_poll().await;
+                    }
+                    Ok(Err(status)) => return self.fail(describe(&status, self.spec.timeout)),
+                    Ok(Ok(resp)) => {
+                        self.stream = Some(resp.into_inner());
+                        self.next_tick = Instant::now() + self.spec.interval;
+                        self.drop_at = None;
+                    }
+                }
+            }
+            let stream = self.stream.as_mut().expect("stream is open");
+            let drop_at = self.drop_at;
+            tokio::select! {
+                msg = stream.message() => return match msg {
+                    Ok(Some(resp)) => {
+                        let obs = observe_status(resp.status);
+                        self.next_tick = Instant::now() + self.spec.interval;
+                        if obs.ok {
+                            self.backoff = None;
+                            self.drop_at = None;
+                        } else if self.drop_at.is_none() {
+                            self.drop_at = Some(Instant::now() + NOT_SERVING_GRACE);
+                        }
+                        obs
+                    }
+                    Ok(None) => self.fail("Watch stream ended by the server".to_string()),
+                    Err(status) => self.fail(describe(&status, self.spec.timeout)),
+                },
+                _ = tokio::time::sleep_until(drop_at.unwrap_or_else(far_future)), if drop_at.is_some() => {
+                    // Still not serving: let go of the stream (a server in graceful
+                    // shutdown waits for it) and look again shortly.
+                    self.stream = None;
+                    self.drop_at = None;
+                    self.backoff = Some(NOT_SERVING_GRACE / 10);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(self.next_tick) => {
+                    // Quiet stream: confirm with a unary Check on the same connection.
+                    self.next_tick = Instant::now() + self.spec.interval;
+                    let obs = self.check().await;
+                    return if obs.ok || self.drop_at.is_some() { obs } else { self.fail(obs.output) };
+                }
+            }
+        }
+    }
+
+    /// A failure in watch mode: drop the stream and back off before re-opening it.
+    fn fail(&mut self, output: String) -> Observation {
+        self.stream = None;
+        let cap = self.spec.interval.max(BACKOFF_START);
+        self.backoff = Some(match self.backoff {
+            None => BACKOFF_START,
+            Some(d) => (d * 2).min(cap),
+        });
+        Observation { ok: false, output }
+    }
+
+    async fn check(&mut self) -> Observation {
+        let mut req = tonic::Request::new(HealthCheckRequest { service: self.spec.service.clone() });
+        req.set_timeout(self.spec.timeout);
+        match timeout(self.spec.timeout, self.client.check(req)).await {
+            Err(_) => Observation { ok: false, output: format!("deadline exceeded after {}", humantime::format_duration(self.spec.timeout)) },
+            Ok(Err(status)) => Observation { ok: false, output: describe(&status, self.spec.timeout) },
+            Ok(Ok(resp)) => observe_status(resp.into_inner().status),
+        }
+    }
+}
+
+/// A lazily connecting channel to `host:port`.
+pub fn channel(target: &str, connect_timeout: Duration) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{target}"))
+        .map_err(|e| format!("bad target {target:?}: {e}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .tcp_keepalive(Some(Duration::from_secs(10)));
+    Ok(endpoint.connect_lazy())
+}
+
+/// SERVING passes; NOT_SERVING, SERVICE_UNKNOWN and UNKNOWN fail.
+pub fn observe_status(status: i32) -> Observation {
+    match ServingStatus::try_from(status) {
+        Ok(ServingStatus::Serving) => Observation { ok: true, output: "SERVING".into() },
+        Ok(s) => Observation { ok: false, output: s.as_str_name().to_string() },
+        Err(_) => Observation { ok: false, output: format!("unknown serving status {status}") },
+    }
+}
+
+/// A short human reason for a failed RPC: "connection refused", "UNIMPLEMENTED: …".
+pub fn describe(status: &Status, deadline: Duration) -> String {
+    if let Some(io) = io_cause(status) {
+        return match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+            std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+            std::io::ErrorKind::TimedOut => "connect timed out".into(),
+            _ => format!("connection error: {io}"),
+        };
+    }
+    match status.code() {
+        Code::DeadlineExceeded => format!("deadline exceeded after {}", humantime::format_duration(deadline)),
+        Code::NotFound => format!("SERVICE_UNKNOWN (NOT_FOUND: {})", status.message()),
+        code => {
+            let msg = status.message();
+            if msg.is_empty() {
+                code_name(code).to_string()
+            } else {
+                format!("{}: {msg}", code_name(code))
+            }
+        }
+    }
+}
+
+fn io_cause(status: &Status) -> Option<&std::io::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// gRPC's canonical upper-case code name.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// ±20 % so that many probes do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random_range(0.8..1.2))
+}

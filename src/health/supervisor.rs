@@ -1,0 +1,46 @@
+//! One task per service: runs its probe, applies rise/fall, reports changes.
+
+use super::probe::Probe;
+use super::threshold::Threshold;
+use super::{Health, Status};
+use crate::config::CheckSpec;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A health change of one service, sent to the reconciler.
+#[derive(Debug, Clone)]
+pub struct HealthChange {
+    pub id: String,
+    /// Which probe generation produced it; stale generations are ignored.
+    pub generation: u64,
+    pub health: Health,
+}
+
+/// Probe `spec` until `cancel` fires, sending every state change to `tx`.
+pub async fn supervise(id: String, generation: u64, spec: CheckSpec, tx: mpsc::Sender<HealthChange>, cancel: CancellationToken) {
+    let mut probe = match Probe::new(spec.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = tx.send(HealthChange { id, generation, health: Health::critical(e) }).await;
+            return;
+        }
+    };
+    let mut threshold = Threshold::new(spec.rise, spec.fall);
+    loop {
+        let obs = tokio::select! {
+            _ = cancel.cancelled() => return,
+            obs = probe.next() => obs,
+        };
+        if let Some(status) = threshold.observe(obs.ok) {
+            match status {
+                Status::Passing => tracing::info!(service = %id, output = %obs.output, "health: passing"),
+                Status::Critical => tracing::warn!(service = %id, output = %obs.output, "health: critical"),
+            }
+            let change = HealthChange { id: id.clone(), generation, health: Health { status, output: obs.output } };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tx.send(change) => {}
+            }
+        }
+    }
+}

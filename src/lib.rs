@@ -1,0 +1,22 @@
+//! tether: a sidecar agent that keeps Consul or etcd truthful about gRPC services.
+//!
+//! # Layout (the data flow)
+//!
+//! ```text
+//! config/     files → desired ServiceSpecs   (agent.rs, service.rs, scan.rs, watch.rs)
+//! health/     grpc.health.v1 probes → health changes   (probe.rs, threshold.rs, supervisor.rs)
+//! reconcile/  the one writer: desired specs + health → registry records; anti-entropy; heartbeats
+//! registry/   the Registry trait and its backends (consul/, etcd.rs)
+//! app.rs      wires the pipeline, signals and shutdown
+//! cli.rs      run | validate | check
+//! ```
+//!
+//! Health code never talks to a registry; backends never decide health; only
+//! the reconciler writes to the registry. See ARCHITECTURE.md.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod reconcile;
+pub mod registry;

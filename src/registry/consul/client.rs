@@ -1,0 +1,202 @@
+//! A small typed client for the Consul agent HTTP API (the parts tether uses).
+//!
+//! Written on reqwest 0.12 + rustls instead of consulrs 0.1: that crate has no
+//! `replace-existing-checks`, no timeouts, no way to pass a client in, and
+//! brings a second HTTP/TLS stack (see README).
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error("cannot reach Consul at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("Consul answered {status} to {what}: {body}")]
+    Status { what: String, status: u16, body: String },
+    #[error("cannot decode Consul's answer to {what}: {source}")]
+    Decode {
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl ConsulError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ConsulError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceRegistration {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    pub checks: Vec<CheckDefinition>,
+}
+
+/// A check as sent inside a service registration. Only fields Consul 1.8 knows.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct CheckDefinition {
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+    #[serde(rename = "TTL", skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias_service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deregister_critical_service_after: Option<String>,
+}
+
+/// An entry of `GET /v1/agent/services`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AgentService {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub service: String,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub meta: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default)]
+    pub address: String,
+}
+
+/// An entry of `GET /v1/agent/checks`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AgentCheck {
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    #[serde(default)]
+    pub name: String,
+    pub status: String,
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub notes: String,
+    #[serde(rename = "ServiceID", default)]
+    pub service_id: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CheckUpdate<'a> {
+    status: &'a str,
+    output: &'a str,
+}
+
+/// The Consul agent's HTTP API.
+#[derive(Debug, Clone)]
+pub struct ConsulClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+/// Output longer than this is cut (Consul keeps 4 KiB by default).
+const MAX_OUTPUT: usize = 4096;
+
+impl ConsulClient {
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(ConsulClient { http, base: base.trim_end_matches('/').to_string(), token })
+    }
+
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.token = token;
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut rb = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = &self.token {
+            rb = rb.header("X-Consul-Token", t);
+        }
+        rb
+    }
+
+    async fn send(&self, what: &str, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ConsulError> {
+        let resp = rb.send().await.map_err(|source| ConsulError::Transport { url: self.base.clone(), source })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default().trim().chars().take(500).collect();
+        Err(ConsulError::Status { what: what.to_string(), status, body })
+    }
+
+    /// `PUT /v1/agent/service/register?replace-existing-checks=true`.
+    pub async fn register_service(&self, reg: &ServiceRegistration) -> Result<(), ConsulError> {
+        let rb = self.request(reqwest::Method::PUT, "/v1/agent/service/register?replace-existing-checks=true").json(reg);
+        self.send(&format!("registering service {}", reg.id), rb).await.map(drop)
+    }
+
+    /// `PUT /v1/agent/service/deregister/<id>`; an unknown id is not an error.
+    pub async fn deregister_service(&self, id: &str) -> Result<(), ConsulError> {
+        let rb = self.request(reqwest::Method::PUT, &format!("/v1/agent/service/deregister/{}", encode(id)));
+        match self.send(&format!("deregistering service {id}"), rb).await {
+            Err(e) if e.status() == Some(404) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// `PUT /v1/agent/check/update/<check-id>`: set a TTL check's status and output.
+    pub async fn update_check(&self, check_id: &str, status: &str, output: &str) -> Result<(), ConsulError> {
+        let output: String = output.chars().take(MAX_OUTPUT).collect();
+        let rb = self.request(reqwest::Method::PUT, &format!("/v1/agent/check/update/{}", encode(check_id))).json(&CheckUpdate { status, output: &output });
+        self.send(&format!("updating check {check_id}"), rb).await.map(drop)
+    }
+
+    /// `GET /v1/agent/services`.
+    pub async fn services(&self) -> Result<HashMap<String, AgentService>, ConsulError> {
+        self.get_json("/v1/agent/services", "listing services").await
+    }
+
+    /// `GET /v1/agent/checks`.
+    pub async fn checks(&self) -> Result<HashMap<String, AgentCheck>, ConsulError> {
+        self.get_json("/v1/agent/checks", "listing checks").await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T, ConsulError> {
+        let resp = self.send(what, self.request(reqwest::Method::GET, path)).await?;
+        resp.json().await.map_err(|source| ConsulError::Decode { what: what.to_string(), source })
+    }
+}
+
+/// Percent-encode a path segment (ids are plain already; ':' is kept).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

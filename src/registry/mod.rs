@@ -1,0 +1,108 @@
+//! Registry backends behind one trait. Backends store what they are told;
+//! they never decide health, and only the reconciler calls them.
+
+pub mod consul;
+
+
+use crate::config::ServiceSpec;
+use crate::health::Health;
+use std::future::Future;
+use std::time::Duration;
+
+/// What the agent itself needs from the registry, derived from all services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub node: String,
+    /// Liveness TTL: the shortest `ttl` of all services (15s with none).
+    pub ttl: Duration,
+    /// The longest `deregister_critical_after` of all services (1m with none).
+    pub deregister_after: Duration,
+}
+
+impl AgentInfo {
+    pub fn for_services<'a>(node: &str, specs: impl Iterator<Item = &'a ServiceSpec>) -> Self {
+        let mut ttl = None::<Duration>;
+        let mut dereg = Duration::from_secs(60);
+        for s in specs {
+            ttl = Some(ttl.map_or(s.ttl, |t| t.min(s.ttl)));
+            dereg = dereg.max(s.deregister_critical_after);
+        }
+        AgentInfo { node: node.to_string(), ttl: ttl.unwrap_or(Duration::from_secs(15)), deregister_after: dereg }
+    }
+
+    /// How often liveness is heartbeated.
+    pub fn heartbeat_every(&self) -> Duration {
+        self.ttl / 3
+    }
+}
+
+/// A service found in the registry, owned by this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteEntry {
+    pub id: String,
+    pub name: String,
+    /// Compared with [`Registry::fingerprint`] of the desired spec.
+    pub fingerprint: String,
+    pub health: Option<Health>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The registry could not be reached, or timed out.
+    Unavailable,
+    /// Something tether relies on is gone (e.g. the registry lost its state).
+    Missing,
+    /// The registry refused the request.
+    Rejected,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct RegistryError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl RegistryError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        RegistryError { kind, message: message.into() }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RegistryError>;
+
+/// A registry as the reconciler sees it.
+pub trait Registry: Send + 'static {
+    /// Whether critical services stay registered (Consul) or are removed (etcd).
+    fn keeps_critical(&self) -> bool;
+
+    /// A string equal to a [`RemoteEntry::fingerprint`] exactly when the
+    /// registry already holds this spec.
+    fn fingerprint(&self, spec: &ServiceSpec) -> String;
+
+    /// Re-send a record's health after this long even if unchanged (Consul's
+    /// long-TTL health checks), or never.
+    fn refresh_after(&self) -> Option<Duration>;
+
+    /// Make sure tether's own presence (Consul: its service and liveness
+    /// check; etcd: its lease) exists and matches `agent`.
+    fn ensure_agent(&mut self, agent: &AgentInfo) -> impl Future<Output = Result<()>> + Send;
+
+    /// Tell the registry tether is alive.
+    fn heartbeat(&mut self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every service owned by this node.
+    fn list(&mut self) -> impl Future<Output = Result<Vec<RemoteEntry>>> + Send;
+
+    /// Write the whole record with this health.
+    fn register(&mut self, spec: &ServiceSpec, health: &Health) -> impl Future<Output = Result<()>> + Send;
+
+    /// Change only the health of a record the registry holds.
+    fn set_health(&mut self, spec: &ServiceSpec, health: &Health) -> impl Future<Output = Result<()>> + Send;
+
+    fn deregister(&mut self, id: &str, name: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Tether is stopping: remove its own presence when `deregister`, else
+    /// leave it to expire.
+    fn shutdown(&mut self, deregister: bool) -> impl Future<Output = Result<()>> + Send;
+}
