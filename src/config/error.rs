@@ -62,7 +62,9 @@ impl std::error::Error for ConfigError {}
 /// Turn a `toml` parse/deserialize error into a [`ConfigError`] with its place.
 pub fn from_toml(file: &Path, text: &str, err: &toml::de::Error) -> ConfigError {
     let message = err.message().trim().to_string();
-    let hint = if message.starts_with("unknown field") {
+    let hint = if message.contains("duration") {
+        "write a positive Go-style duration such as \"500ms\", \"15s\" or \"1m\""
+    } else if message.starts_with("unknown field") {
         "remove it or fix its spelling (see the configuration reference in README.md)"
     } else if message.starts_with("missing field") {
         "add it"

@@ -188,6 +188,8 @@ pub fn describe(status: &Status, deadline: Duration) -> String {
         };
     }
     match status.code() {
+        // tonic's client-side timeout reports CANCELLED "Timeout expired".
+        Code::Cancelled if status.message().contains("Timeout expired") => format!("deadline exceeded after {}", humantime::format_duration(deadline)),
         Code::DeadlineExceeded => format!("deadline exceeded after {}", humantime::format_duration(deadline)),
         Code::NotFound => format!("SERVICE_UNKNOWN (NOT_FOUND: {})", status.message()),
         code => {

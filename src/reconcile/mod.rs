@@ -105,6 +105,15 @@ impl<R: Registry> Reconciler<R> {
 
     /// Run until `shutdown` fires; `desired` delivers each new desired set.
     pub async fn run(mut self, mut desired: mpsc::Receiver<BTreeMap<String, ServiceSpec>>, shutdown: CancellationToken) {
+        // The first anti-entropy pass waits for the first scan, so that it
+        // registers tether's liveness with the right TTL at once.
+        tokio::select! {
+            _ = shutdown.cancelled() => return self.shutdown().await,
+            first = desired.recv() => match first {
+                Some(set) => self.apply_desired(set).await,
+                None => return self.shutdown().await,
+            },
+        }
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -314,10 +323,10 @@ impl<R: Registry> Reconciler<R> {
                 fixes += 1;
             }
         }
-        if was_retrying || fixes > 0 {
+        let first = self.ready.send_if_modified(|r| !std::mem::replace(r, true));
+        if first || was_retrying || fixes > 0 {
             tracing::info!(fixes, services = self.entries.len(), "anti-entropy: registry in sync");
         }
-        let _ = self.ready.send_if_modified(|r| !std::mem::replace(r, true));
     }
 
     async fn sync_all(&mut self) {

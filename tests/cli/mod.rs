@@ -1,0 +1,89 @@
+//! `tether validate` and `tether check`: messages and exit codes.
+
+use crate::support::*;
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(tether_bin()).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn check_exit_codes_match_grpc_health_probe() {
+    let mut server = HealthServer::start(0, &["orders"]);
+    let addr = server.addr();
+    let (code, out) = run(&["check", &addr]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("status: SERVING"), "{out}");
+    let (code, out) = run(&["check", &addr, "--service", "orders"]);
+    assert_eq!(code, 0, "{out}");
+    server.set("not_serving");
+    let (code, out) = run(&["check", &addr, "--service", "orders"]);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("NOT_SERVING"), "{out}");
+    let (code, out) = run(&["check", &addr, "--service", "missing"]);
+    assert_eq!(code, 3, "{out}");
+    let (code, out) = run(&["check", &format!("127.0.0.1:{}", free_port())]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("Connection refused"), "{out}");
+    let (code, _) = run(&["check"]);
+    assert_eq!(code, 1);
+    let (code, _) = run(&["check", &addr, "--timeout", "soon"]);
+    assert_eq!(code, 1);
+
+    let bare = HealthServer::start_without_health(0);
+    let (code, out) = run(&["check", &bare.addr()]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("UNIMPLEMENTED"), "{out}");
+}
+
+#[test]
+fn validate_reports_every_error_with_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd = dir.path().join("services.d");
+    std::fs::create_dir(&sd).unwrap();
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "services_dir = \"services.d\"\nnode = \"n\"\n[consul]\naddress = \"http://127.0.0.1:8500\"\n").unwrap();
+    std::fs::write(sd.join("good.toml"), "name = \"good\"\nport = 50051\n").unwrap();
+    let cfg = config.to_str().unwrap();
+    let (code, out) = run(&["validate", "--config", cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 service(s) valid"), "{out}");
+
+    std::fs::write(sd.join("bad.toml"), "name = \"bad\"\nport = 70000\n").unwrap();
+    std::fs::write(sd.join("typo.toml"), "name = \"typo\"\nport = 1\n[check]\nintervall = \"1s\"\n").unwrap();
+    std::fs::write(sd.join("zero.toml"), "name = \"zero\"\nport = 2\nttl = \"0s\"\n").unwrap();
+    std::fs::write(sd.join("binary.toml"), [0xff, 0xfe, 0x00, 0x01]).unwrap();
+    std::fs::create_dir(sd.join("dir.toml")).unwrap();
+    std::os::unix::fs::symlink("nowhere.toml", sd.join("dangling.toml")).unwrap();
+    std::fs::write(sd.join("dup.toml"), "name = \"good\"\nport = 50051\n").unwrap();
+    std::fs::write(sd.join("ignored.txt"), "garbage").unwrap();
+    std::fs::write(sd.join(".hidden.toml"), "garbage").unwrap();
+    let (code, out) = run(&["validate", "--config", cfg]);
+    assert_eq!(code, 1, "{out}");
+    let sd = sd.display();
+    for needle in [
+        format!("{sd}/bad.toml:2:8: port 70000 is out of range; use a port from 1 to 65535"),
+        format!("{sd}/typo.toml:4:1: unknown field `intervall`"),
+        format!("{sd}/zero.toml:3:7: duration \"0s\" must be greater than zero; write a positive Go-style duration"),
+        format!("{sd}/binary.toml: not UTF-8"),
+        format!("{sd}/dir.toml: is a directory"),
+        format!("{sd}/dangling.toml: cannot read file"),
+        format!("{sd}/good.toml: duplicate service id \"good-n-50051\": {sd}/dup.toml already defines it"),
+        "7 error(s)".to_string(),
+    ] {
+        assert!(out.contains(&needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(!out.contains("ignored.txt") && !out.contains("hidden"), "{out}");
+
+    // Single files can be validated too.
+    let (code, out) = run(&["validate", "--config", cfg, &format!("{sd}/good.toml")]);
+    assert_eq!(code, 0, "{out}");
+
+    // A bad agent config is an error too.
+    std::fs::write(&config, "[consul]\n[etcd]\nendpoints = [\"http://x:1\"]\n").unwrap();
+    let (code, out) = run(&["validate", "--config", cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("tether.toml:2:1: both [consul] and [etcd] are set"), "{out}");
+}

@@ -1,0 +1,353 @@
+//! Shared test helpers: real Consul dev agents, real gRPC health servers and
+//! the real tether binary, each on free loopback ports, each stopped on drop.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn tool(name: &str) -> PathBuf {
+    let p = root().join(".tools/bin").join(name);
+    assert!(p.exists(), "{} is missing: run scripts/install-deps.sh", p.display());
+    p
+}
+
+pub fn tether_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tether"))
+}
+
+/// The example health server, built by cargo alongside the tests.
+pub fn health_server_bin() -> PathBuf {
+    let dir = tether_bin().parent().unwrap().to_path_buf();
+    let p = dir.join("examples/health_server");
+    assert!(p.exists(), "{} is missing: run `cargo build --examples` (scripts/test.sh does)", p.display());
+    p
+}
+
+/// Poll `f` every 20 ms until it returns Some, or panic after `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap()
+}
+
+/// A Consul dev agent on free loopback ports.
+pub struct Consul {
+    child: Option<Child>,
+    pub http_port: u16,
+    ports: [u16; 3],
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Consul {
+    pub fn start() -> Consul {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Consul { child: None, http_port: free_port(), ports: [free_port(), free_port(), free_port()], log: dir.path().join("consul.log"), _dir: dir };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(tool("consul"))
+            .args(["agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1", "-dns-port=-1", "-grpc-port=-1", "-log-level=warn"])
+            .arg(format!("-node=test-{}", self.http_port))
+            .arg(format!("-http-port={}", self.http_port))
+            .arg(format!("-serf-lan-port={}", self.ports[0]))
+            .arg(format!("-serf-wan-port={}", self.ports[1]))
+            .arg(format!("-server-port={}", self.ports[2]))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start consul");
+        self.child = Some(child);
+        let url = format!("{}/v1/status/leader", self.url());
+        wait_for(Duration::from_secs(60), "Consul to elect itself leader", || {
+            let r = http().get(&url).send().ok()?;
+            let body = r.text().ok()?;
+            (body.len() > 2).then_some(())
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Stop Consul (dev mode: all state is lost).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restart on the same ports, with empty state.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        http().get(format!("{}{}", self.url(), path)).send().unwrap().error_for_status().unwrap().json().unwrap()
+    }
+
+    pub fn get_with_index(&self, path: &str) -> (Value, u64) {
+        let r = http().get(format!("{}{}", self.url(), path)).send().unwrap().error_for_status().unwrap();
+        let index = r.headers().get("X-Consul-Index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (r.json().unwrap(), index)
+    }
+
+    pub fn put(&self, path: &str, body: &Value) {
+        http().put(format!("{}{}", self.url(), path)).json(body).send().unwrap().error_for_status().unwrap();
+    }
+
+    pub fn services(&self) -> HashMap<String, Value> {
+        serde_json::from_value(self.get("/v1/agent/services")).unwrap()
+    }
+
+    pub fn checks(&self) -> HashMap<String, Value> {
+        serde_json::from_value(self.get("/v1/agent/checks")).unwrap()
+    }
+
+    /// (status, output) of a check on the local agent.
+    pub fn check(&self, check_id: &str) -> Option<(String, String)> {
+        let checks = self.checks();
+        let c = checks.get(check_id)?;
+        Some((c["Status"].as_str()?.to_string(), c["Output"].as_str().unwrap_or("").to_string()))
+    }
+
+    /// The aggregated status of a service: critical if any of its checks is.
+    pub fn service_status(&self, id: &str) -> Option<String> {
+        let checks = self.checks();
+        let mine: Vec<&Value> = checks.values().filter(|c| c["ServiceID"] == id).collect();
+        if mine.is_empty() {
+            return None;
+        }
+        let worst = if mine.iter().any(|c| c["Status"] == "critical") { "critical" } else if mine.iter().all(|c| c["Status"] == "passing") { "passing" } else { "warning" };
+        Some(worst.to_string())
+    }
+
+    pub fn wait_health(&self, id: &str, status: &str, limit: Duration) -> Duration {
+        let start = Instant::now();
+        wait_for(limit, &format!("{id}'s gRPC health check to be {status}"), || (self.check(&format!("tether:{id}"))?.0 == status).then_some(()));
+        start.elapsed()
+    }
+
+    pub fn wait_gone(&self, id: &str, limit: Duration) {
+        wait_for(limit, &format!("{id} to be deregistered"), || (!self.services().contains_key(id)).then_some(()));
+    }
+}
+
+impl Drop for Consul {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The example gRPC server (tonic-health) as a child process, driven on stdin.
+pub struct HealthServer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub port: u16,
+}
+
+impl HealthServer {
+    /// Serve grpc.health.v1 for "" and `services`, all SERVING, on `port` (0 = any).
+    pub fn start(port: u16, services: &[&str]) -> HealthServer {
+        Self::start_with(port, services, false)
+    }
+
+    /// A gRPC server without any health service.
+    pub fn start_without_health(port: u16) -> HealthServer {
+        Self::start_with(port, &[], true)
+    }
+
+    fn start_with(port: u16, services: &[&str], no_health: bool) -> HealthServer {
+        let mut cmd = Command::new(health_server_bin());
+        cmd.arg(format!("127.0.0.1:{port}")).args(services);
+        if no_health {
+            cmd.arg("--no-health");
+        }
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start health server");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("health server said {line:?}"));
+        HealthServer { child, stdin, stdout, port }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// "serving", "not_serving" or "unknown"; returns once the server applied it.
+    pub fn set(&mut self, status: &str) {
+        writeln!(self.stdin, "{status}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok");
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Graceful stop: NOT_SERVING, then shutdown; waits for the process to exit.
+    pub fn stop_gracefully(&mut self, limit: Duration) -> bool {
+        let _ = writeln!(self.stdin, "stop");
+        let _ = self.stdin.flush();
+        wait_for(limit, "health server to exit", || self.child.try_wait().ok().flatten().map(|_| true))
+    }
+}
+
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGCONT);
+        self.kill();
+    }
+}
+
+/// A tether config directory: tether.toml plus services.d/.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn consul(consul: &Consul, extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("services.d")).unwrap();
+        let text = format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[consul]\naddress = \"{}\"\n", consul.url());
+        std::fs::write(dir.path().join("tether.toml"), text).unwrap();
+        Setup { dir }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("tether.toml")
+    }
+
+    pub fn services_dir(&self) -> PathBuf {
+        self.dir.path().join("services.d")
+    }
+
+    /// Write a service file atomically (write + rename, as editors do).
+    pub fn write_service(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.services_dir().join(file);
+        let tmp = self.services_dir().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+
+    pub fn start(&self) -> Tether {
+        Tether::start(&self.config(), self.dir.path())
+    }
+}
+
+/// A running `tether run`.
+pub struct Tether {
+    child: Option<Child>,
+    pub log: PathBuf,
+    config: PathBuf,
+}
+
+impl Tether {
+    pub fn start(config: &Path, dir: &Path) -> Tether {
+        let log = dir.join(format!("tether-{}.log", free_port()));
+        let mut t = Tether { child: None, log, config: config.to_path_buf() };
+        t.spawn();
+        t
+    }
+
+    fn spawn(&mut self) {
+        let f = std::fs::File::create(&self.log).unwrap();
+        let child = Command::new(tether_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,tether=debug")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("start tether");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let status = wait_for(Duration::from_secs(20), "tether to exit after SIGTERM", || child.try_wait().unwrap());
+        assert!(status.success(), "tether exited with {status}; log:\n{}", self.log());
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again with the same config (after stop or kill).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_log(&self, needle: &str, limit: Duration) {
+        wait_for(limit, &format!("tether to log {needle:?}"), || self.log().contains(needle).then_some(()));
+    }
+}
+
+impl Drop for Tether {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

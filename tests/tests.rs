@@ -1,0 +1,8 @@
+//! Integration tests: one binary, a module per topic, shared helpers in `support`.
+//! Every test starts its own real Consul (and etcd) on free loopback ports and
+//! real gRPC health servers, drives the real `tether` binary, and stops all it
+//! started. Waits are conditions with deadlines, never fixed sleeps.
+
+mod cli;
+mod consul;
+mod support;
