@@ -35,13 +35,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let health: Option<HealthServer<_>> = (!no_health).then_some(health_service);
-    let server = tokio::spawn(
-        Server::builder()
-            .add_optional_service(health)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let server = tokio::spawn(Server::builder().add_optional_service(health).serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {

@@ -34,7 +34,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             let client = ConsulClient::new(&c.address, token).context("building the Consul HTTP client")?;
             run_with(Consul::new(client, &config.node), &config, reload, shutdown).await
         }
-        BackendConfig::Etcd(_) => anyhow::bail!("{}: the etcd backend is not available in this build yet; use [consul]", config.path.display()),
+        BackendConfig::Etcd(_) => {
+            anyhow::bail!("{}: the etcd backend is not available in this build yet; use [consul]", config.path.display())
+        }
     }
 }
 

@@ -130,7 +130,9 @@ fn validate(config: &std::path::Path, paths: &[PathBuf]) -> ExitCode {
                 Err(e) => errors.push(e.to_string()),
             }
         } else if paths.is_empty() {
-            errors.push(crate::config::ConfigError::new(p, "services directory does not exist", "create it, or fix services_dir").to_string());
+            errors.push(
+                crate::config::ConfigError::new(p, "services directory does not exist", "create it, or fix services_dir").to_string(),
+            );
         } else {
             files.push(p.clone());
         }
@@ -141,7 +143,11 @@ fn validate(config: &std::path::Path, paths: &[PathBuf]) -> ExitCode {
         eprintln!("error: {e}");
     }
     if errors.is_empty() {
-        println!("ok: {} service(s) valid{}", result.services.len(), agent.map(|a| format!(", agent config {}", a.path.display())).unwrap_or_default());
+        println!(
+            "ok: {} service(s) valid{}",
+            result.services.len(),
+            agent.map(|a| format!(", agent config {}", a.path.display())).unwrap_or_default()
+        );
         ExitCode::SUCCESS
     } else {
         eprintln!("{} error(s)", errors.len());
@@ -203,4 +209,3 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-

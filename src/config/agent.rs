@@ -118,7 +118,11 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         Some(n) => {
             let s = n.get_ref().trim();
             if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control() || c.is_whitespace() || c == '/') {
-                return Err(err(n.span(), format!("node {:?} is not a valid node name", n.get_ref()), "use a host-name-like string, or leave it out for the host name"));
+                return Err(err(
+                    n.span(),
+                    format!("node {:?} is not a valid node name", n.get_ref()),
+                    "use a host-name-like string, or leave it out for the host name",
+                ));
             }
             s.to_string()
         }
@@ -128,7 +132,11 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         None => Some(SocketAddr::from(([127, 0, 0, 1], 9469))),
         Some(l) if l.get_ref().is_empty() => None,
         Some(l) => Some(l.get_ref().parse::<SocketAddr>().map_err(|_| {
-            err(l.span(), format!("listen {:?} is not an address:port", l.get_ref()), "write it as \"127.0.0.1:9469\", or \"\" to turn the listener off")
+            err(
+                l.span(),
+                format!("listen {:?} is not an address:port", l.get_ref()),
+                "write it as \"127.0.0.1:9469\", or \"\" to turn the listener off",
+            )
         })?),
     };
     let backend = match (raw.consul, raw.etcd) {
@@ -146,7 +154,13 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
                     let s = a.get_ref().trim_end_matches('/');
                     match reqwest::Url::parse(s) {
                         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => s.to_string(),
-                        _ => return Err(err(a.span(), format!("consul address {:?} is not an http(s) URL", a.get_ref()), "write it as \"http://127.0.0.1:8500\"")),
+                        _ => {
+                            return Err(err(
+                                a.span(),
+                                format!("consul address {:?} is not an http(s) URL", a.get_ref()),
+                                "write it as \"http://127.0.0.1:8500\"",
+                            ))
+                        }
                     }
                 }
             };
@@ -156,12 +170,22 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             let span = e.span();
             let e = e.into_inner();
             if e.endpoints.get_ref().is_empty() {
-                return Err(err(e.endpoints.span(), "etcd endpoints is empty".into(), "list at least one endpoint, e.g. [\"http://127.0.0.1:2379\"]"));
+                return Err(err(
+                    e.endpoints.span(),
+                    "etcd endpoints is empty".into(),
+                    "list at least one endpoint, e.g. [\"http://127.0.0.1:2379\"]",
+                ));
             }
             for ep in e.endpoints.get_ref() {
                 match reqwest::Url::parse(ep) {
                     Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                    _ => return Err(err(e.endpoints.span(), format!("etcd endpoint {ep:?} is not an http(s) URL"), "write endpoints as \"http://host:2379\"")),
+                    _ => {
+                        return Err(err(
+                            e.endpoints.span(),
+                            format!("etcd endpoint {ep:?} is not an http(s) URL"),
+                            "write endpoints as \"http://host:2379\"",
+                        ))
+                    }
                 }
             }
             let prefix = match e.prefix {
@@ -169,7 +193,11 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
                 Some(p) => {
                     let s = p.get_ref();
                     if s.is_empty() || s.starts_with('/') || s.ends_with('/') || s.contains("//") {
-                        return Err(err(p.span(), format!("etcd prefix {s:?} must be non-empty with no leading or trailing '/'"), "write it as \"services\" (gRPC's resolver trims one leading '/')"));
+                        return Err(err(
+                            p.span(),
+                            format!("etcd prefix {s:?} must be non-empty with no leading or trailing '/'"),
+                            "write it as \"services\" (gRPC's resolver trims one leading '/')",
+                        ));
                     }
                     s.clone()
                 }
@@ -177,7 +205,12 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             if e.username.is_some() != e.password_file.is_some() {
                 return Err(err(span, "etcd username and password_file go together".into(), "set both or neither"));
             }
-            BackendConfig::Etcd(EtcdConfig { endpoints: e.endpoints.into_inner(), prefix, username: e.username, password_file: e.password_file.map(|p| base.join(p)) })
+            BackendConfig::Etcd(EtcdConfig {
+                endpoints: e.endpoints.into_inner(),
+                prefix,
+                username: e.username,
+                password_file: e.password_file.map(|p| base.join(p)),
+            })
         }
     };
     Ok(AgentConfig {
@@ -192,7 +225,8 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
 
 /// Read a secret (token, password) from a file; surrounding white space is dropped.
 pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, format!("cannot read secret file: {e}"), "check the path and that tether may read it"))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path, format!("cannot read secret file: {e}"), "check the path and that tether may read it"))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -208,7 +242,9 @@ pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
 /// This host's primary non-loopback IP (IPv4 preferred), or 127.0.0.1.
 pub fn primary_ip() -> String {
     let addrs = if_addrs::get_if_addrs().unwrap_or_default();
-    let pick = |v4: bool| addrs.iter().find(|i| !i.is_loopback() && i.ip().is_ipv4() == v4 && !i.ip().is_unspecified()).map(|i| i.ip().to_string());
+    let pick = |v4: bool| {
+        addrs.iter().find(|i| !i.is_loopback() && i.ip().is_ipv4() == v4 && !i.ip().is_unspecified()).map(|i| i.ip().to_string())
+    };
     pick(true).or_else(|| pick(false)).unwrap_or_else(|| "127.0.0.1".to_string())
 }
 

@@ -16,12 +16,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(file: &Path, message: impl Into<String>, hint: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.to_path_buf(),
-            place: None,
-            message: message.into(),
-            hint: hint.into(),
-        }
+        ConfigError { file: file.to_path_buf(), place: None, message: message.into(), hint: hint.into() }
     }
 
     /// Attach the place of a byte span of `text` (the file's contents).

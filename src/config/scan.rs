@@ -26,12 +26,11 @@ pub fn is_service_file(name: &str) -> bool {
 
 /// The service files in `dir`, sorted; an error if the directory cannot be read.
 pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| ConfigError::new(dir, format!("cannot read services directory: {e}"), "create it, or fix services_dir in the agent config"))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_str().is_some_and(is_service_file))
-        .map(|e| e.path())
-        .collect();
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        ConfigError::new(dir, format!("cannot read services directory: {e}"), "create it, or fix services_dir in the agent config")
+    })?;
+    let mut files: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_str().is_some_and(is_service_file)).map(|e| e.path()).collect();
     files.sort();
     Ok(files)
 }

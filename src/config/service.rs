@@ -139,11 +139,8 @@ pub fn read_file(path: &Path) -> Result<String, ConfigError> {
         ));
     }
     let bytes = std::fs::read(path).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-            "make it readable by the user tether runs as"
-        } else {
-            "check the file"
-        };
+        let hint =
+            if e.kind() == std::io::ErrorKind::PermissionDenied { "make it readable by the user tether runs as" } else { "check the file" };
         ConfigError::new(path, format!("cannot read file: {e}"), hint)
     })?;
     String::from_utf8(bytes).map_err(|e| {
@@ -182,7 +179,11 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         Some(a) => {
             let a_str = a.get_ref().trim();
             if a_str.is_empty() || a_str.contains(char::is_whitespace) || a_str.contains('/') {
-                return Err(err(a.span(), format!("address {:?} is not a host name or IP", a.get_ref()), "give an IP such as \"10.0.0.5\" or a host name, or leave it out to advertise this host's primary IP"));
+                return Err(err(
+                    a.span(),
+                    format!("address {:?} is not a host name or IP", a.get_ref()),
+                    "give an IP such as \"10.0.0.5\" or a host name, or leave it out to advertise this host's primary IP",
+                ));
             }
             a_str.to_string()
         }
@@ -192,7 +193,11 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
     for tag in &raw.tags {
         let t = tag.get_ref();
         if t.is_empty() || t.len() > 255 || t.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(err(tag.span(), format!("tag {t:?} is empty, too long or has spaces or control characters"), "use short tags of printable characters without spaces"));
+            return Err(err(
+                tag.span(),
+                format!("tag {t:?} is empty, too long or has spaces or control characters"),
+                "use short tags of printable characters without spaces",
+            ));
         }
         if !tags.contains(t) {
             tags.push(t.clone());
@@ -200,12 +205,20 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
     }
     let mut meta = BTreeMap::new();
     if raw.meta.len() > 62 {
-        return Err(ConfigError::new(path, format!("{} meta keys, more than the 62 a service may have", raw.meta.len()), "drop some meta keys"));
+        return Err(ConfigError::new(
+            path,
+            format!("{} meta keys, more than the 62 a service may have", raw.meta.len()),
+            "drop some meta keys",
+        ));
     }
     for (k, v) in &raw.meta {
         let key = k.get_ref();
         if RESERVED_META.contains(&key.as_str()) || key.starts_with("consul-") {
-            return Err(err(k.span(), format!("meta key {key:?} is reserved"), "tether sets managed-by and tether-node itself, and Consul reserves consul-*; use another key"));
+            return Err(err(
+                k.span(),
+                format!("meta key {key:?} is reserved"),
+                "tether sets managed-by and tether-node itself, and Consul reserves consul-*; use another key",
+            ));
         }
         if key.is_empty() || key.len() > 128 || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
             return Err(err(k.span(), format!("meta key {key:?} is not valid"), "use 1-128 ASCII letters, digits, '_' or '-'"));
@@ -223,12 +236,25 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
     };
     if ttl < ttl_min {
         let span = raw.ttl.as_ref().map(|d| d.span()).unwrap_or(0..0);
-        return Err(err(span, format!("ttl {} is below the {} minimum of {}", super::duration::go(ttl), defaults.backend.as_str(), super::duration::go(ttl_min)), "raise ttl"));
+        return Err(err(
+            span,
+            format!(
+                "ttl {} is below the {} minimum of {}",
+                super::duration::go(ttl),
+                defaults.backend.as_str(),
+                super::duration::go(ttl_min)
+            ),
+            "raise ttl",
+        ));
     }
     let deregister_critical_after = raw.deregister_critical_after.as_ref().map_or(DEFAULT_DEREGISTER_AFTER, |d| d.get_ref().0);
     if defaults.backend == BackendKind::Consul && deregister_critical_after < CONSUL_MIN_DEREGISTER_AFTER {
         let span = raw.deregister_critical_after.as_ref().map(|d| d.span()).unwrap_or(0..0);
-        return Err(err(span, format!("deregister_critical_after {} is below Consul's minimum of 1m", super::duration::go(deregister_critical_after)), "use \"1m\" or more"));
+        return Err(err(
+            span,
+            format!("deregister_critical_after {} is below Consul's minimum of 1m", super::duration::go(deregister_critical_after)),
+            "use \"1m\" or more",
+        ));
     }
 
     let c = raw.check;
@@ -236,7 +262,11 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         Some(t) => {
             let s = t.get_ref().trim();
             if !valid_target(s) {
-                return Err(err(t.span(), format!("check target {:?} is not host:port", t.get_ref()), "write it as \"127.0.0.1:50051\" or \"localhost:50051\""));
+                return Err(err(
+                    t.span(),
+                    format!("check target {:?} is not host:port", t.get_ref()),
+                    "write it as \"127.0.0.1:50051\" or \"localhost:50051\"",
+                ));
             }
             s.to_string()
         }

@@ -54,7 +54,9 @@ impl DirWatcher {
         if now.is_some() {
             match self.debouncer.watch(&self.dir, RecursiveMode::NonRecursive) {
                 Ok(()) => self.watched = now,
-                Err(e) => tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch services directory; relying on periodic rescans"),
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch services directory; relying on periodic rescans")
+                }
             }
         }
     }

@@ -82,7 +82,10 @@ impl Probe {
                 }
                 let req = HealthCheckRequest { service: self.spec.service.clone() };
                 match timeout(self.spec.timeout, self.client.watch(req)).await {
-                    Err(_) => return self.fail(format!("deadline exceeded after {} opening Watch", humantime::format_duration(self.spec.timeout))),
+                    Err(_) => {
+                        return self
+                            .fail(format!("deadline exceeded after {} opening Watch", humantime::format_duration(self.spec.timeout)))
+                    }
                     Ok(Err(status)) if status.code() == Code::Unimplemented => {
                         if !self.logged_fallback {
                             tracing::warn!(target = %self.spec.target, "server does not implement grpc.health.v1 Watch; polling Check instead");
@@ -151,7 +154,9 @@ impl Probe {
         let mut req = tonic::Request::new(HealthCheckRequest { service: self.spec.service.clone() });
         req.set_timeout(self.spec.timeout);
         match timeout(self.spec.timeout, self.client.check(req)).await {
-            Err(_) => Observation { ok: false, output: format!("deadline exceeded after {}", humantime::format_duration(self.spec.timeout)) },
+            Err(_) => {
+                Observation { ok: false, output: format!("deadline exceeded after {}", humantime::format_duration(self.spec.timeout)) }
+            }
             Ok(Err(status)) => Observation { ok: false, output: describe(&status, self.spec.timeout) },
             Ok(Ok(resp)) => observe_status(resp.into_inner().status),
         }
@@ -189,7 +194,9 @@ pub fn describe(status: &Status, deadline: Duration) -> String {
     }
     match status.code() {
         // tonic's client-side timeout reports CANCELLED "Timeout expired".
-        Code::Cancelled if status.message().contains("Timeout expired") => format!("deadline exceeded after {}", humantime::format_duration(deadline)),
+        Code::Cancelled if status.message().contains("Timeout expired") => {
+            format!("deadline exceeded after {}", humantime::format_duration(deadline))
+        }
         Code::DeadlineExceeded => format!("deadline exceeded after {}", humantime::format_duration(deadline)),
         Code::NotFound => format!("SERVICE_UNKNOWN (NOT_FOUND: {})", status.message()),
         code => {

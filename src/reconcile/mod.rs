@@ -163,7 +163,16 @@ impl<R: Registry> Reconciler<R> {
                     let probe = spawn_probe(&self.probes, &id, self.generation, &spec, &self.health_tx);
                     self.entries.insert(
                         id.clone(),
-                        Entry { spec, fingerprint, health: None, critical_since: None, remote: None, last_write: Instant::now(), generation: self.generation, probe },
+                        Entry {
+                            spec,
+                            fingerprint,
+                            health: None,
+                            critical_since: None,
+                            remote: None,
+                            last_write: Instant::now(),
+                            generation: self.generation,
+                            probe,
+                        },
                     );
                 }
             }
@@ -391,7 +400,12 @@ impl<R: Registry> Reconciler<R> {
     pub fn views(&self) -> Vec<ServiceView> {
         self.entries
             .values()
-            .map(|e| ServiceView { id: e.spec.id.clone(), name: e.spec.name.clone(), health: e.health.clone(), registered: e.remote.is_some() })
+            .map(|e| ServiceView {
+                id: e.spec.id.clone(),
+                name: e.spec.name.clone(),
+                health: e.health.clone(),
+                registered: e.remote.is_some(),
+            })
             .collect()
     }
 }

@@ -3,7 +3,6 @@
 
 pub mod consul;
 
-
 use crate::config::ServiceSpec;
 use crate::health::Health;
 use std::future::Future;

@@ -53,7 +53,10 @@ fn poll_mode_follows_health() {
     let consul = Consul::start();
     let mut server = HealthServer::start(0, &[]);
     let setup = Setup::consul(&consul, "");
-    setup.write_service("a.toml", &service("alpha", server.port, "id = \"alpha\"\n[check]\nmode = \"poll\"\ninterval = \"300ms\"\ntimeout = \"1s\""));
+    setup.write_service(
+        "a.toml",
+        &service("alpha", server.port, "id = \"alpha\"\n[check]\nmode = \"poll\"\ninterval = \"300ms\"\ntimeout = \"1s\""),
+    );
     let _tether = setup.start();
     consul.wait_health("alpha", "passing", T);
     server.set("not_serving");
@@ -234,8 +237,10 @@ fn sighup_reloads_and_anti_entropy_restores_after_consul_restart() {
 
     // A registration owned by this node that no file describes is removed;
     // one owned by someone else is left alone.
-    let orphan = serde_json::json!({"ID": "orphan", "Name": "orphan", "Port": 1, "Meta": {"managed-by": "tether", "tether-node": "node-a"}});
-    let foreign = serde_json::json!({"ID": "foreign", "Name": "foreign", "Port": 1, "Meta": {"managed-by": "tether", "tether-node": "node-b"}});
+    let orphan =
+        serde_json::json!({"ID": "orphan", "Name": "orphan", "Port": 1, "Meta": {"managed-by": "tether", "tether-node": "node-a"}});
+    let foreign =
+        serde_json::json!({"ID": "foreign", "Name": "foreign", "Port": 1, "Meta": {"managed-by": "tether", "tether-node": "node-b"}});
     consul.put("/v1/agent/service/register", &orphan);
     consul.put("/v1/agent/service/register", &foreign);
     // Deregistering tether's own service makes its next heartbeat fail, which

@@ -66,7 +66,13 @@ pub struct Consul {
 impl Consul {
     pub fn start() -> Consul {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Consul { child: None, http_port: free_port(), ports: [free_port(), free_port(), free_port()], log: dir.path().join("consul.log"), _dir: dir };
+        let mut c = Consul {
+            child: None,
+            http_port: free_port(),
+            ports: [free_port(), free_port(), free_port()],
+            log: dir.path().join("consul.log"),
+            _dir: dir,
+        };
         c.spawn();
         c
     }
@@ -147,13 +153,21 @@ impl Consul {
         if mine.is_empty() {
             return None;
         }
-        let worst = if mine.iter().any(|c| c["Status"] == "critical") { "critical" } else if mine.iter().all(|c| c["Status"] == "passing") { "passing" } else { "warning" };
+        let worst = if mine.iter().any(|c| c["Status"] == "critical") {
+            "critical"
+        } else if mine.iter().all(|c| c["Status"] == "passing") {
+            "passing"
+        } else {
+            "warning"
+        };
         Some(worst.to_string())
     }
 
     pub fn wait_health(&self, id: &str, status: &str, limit: Duration) -> Duration {
         let start = Instant::now();
-        wait_for(limit, &format!("{id}'s gRPC health check to be {status}"), || (self.check(&format!("tether:{id}"))?.0 == status).then_some(()));
+        wait_for(limit, &format!("{id}'s gRPC health check to be {status}"), || {
+            (self.check(&format!("tether:{id}"))?.0 == status).then_some(())
+        });
         start.elapsed()
     }
 
@@ -252,7 +266,8 @@ impl Setup {
     pub fn consul(consul: &Consul, extra: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("services.d")).unwrap();
-        let text = format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[consul]\naddress = \"{}\"\n", consul.url());
+        let text =
+            format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[consul]\naddress = \"{}\"\n", consul.url());
         std::fs::write(dir.path().join("tether.toml"), text).unwrap();
         Setup { dir }
     }

@@ -171,7 +171,9 @@ impl ConsulClient {
     /// `PUT /v1/agent/check/update/<check-id>`: set a TTL check's status and output.
     pub async fn update_check(&self, check_id: &str, status: &str, output: &str) -> Result<(), ConsulError> {
         let output: String = output.chars().take(MAX_OUTPUT).collect();
-        let rb = self.request(reqwest::Method::PUT, &format!("/v1/agent/check/update/{}", encode(check_id))).json(&CheckUpdate { status, output: &output });
+        let rb = self
+            .request(reqwest::Method::PUT, &format!("/v1/agent/check/update/{}", encode(check_id)))
+            .json(&CheckUpdate { status, output: &output });
         self.send(&format!("updating check {check_id}"), rb).await.map(drop)
     }
 

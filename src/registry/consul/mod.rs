@@ -120,8 +120,17 @@ impl Consul {
 }
 
 /// The fields tether compares, from either side.
-fn fingerprint_of(name: &str, address: &str, port: u16, tags: &[String], meta: &BTreeMap<String, String>, notes: Option<&str>, alias: bool) -> String {
-    serde_json::json!({"name": name, "address": address, "port": port, "tags": tags, "meta": meta, "notes": notes, "alias": alias}).to_string()
+fn fingerprint_of(
+    name: &str,
+    address: &str,
+    port: u16,
+    tags: &[String],
+    meta: &BTreeMap<String, String>,
+    notes: Option<&str>,
+    alias: bool,
+) -> String {
+    serde_json::json!({"name": name, "address": address, "port": port, "tags": tags, "meta": meta, "notes": notes, "alias": alias})
+        .to_string()
 }
 
 fn health_of(check: &AgentCheck) -> Health {
@@ -132,7 +141,14 @@ fn health_of(check: &AgentCheck) -> Health {
 fn err(e: ConsulError) -> RegistryError {
     let kind = match &e {
         ConsulError::Transport { .. } => ErrorKind::Unavailable,
-        ConsulError::Status { status, body, .. } if *status == 404 || body.contains("does not have associated TTL") || body.contains("Unknown check") || body.contains("Unknown service") => ErrorKind::Missing,
+        ConsulError::Status { status, body, .. }
+            if *status == 404
+                || body.contains("does not have associated TTL")
+                || body.contains("Unknown check")
+                || body.contains("Unknown service") =>
+        {
+            ErrorKind::Missing
+        }
         ConsulError::Status { status, .. } if *status >= 500 => ErrorKind::Unavailable,
         _ => ErrorKind::Rejected,
     };
@@ -169,7 +185,10 @@ impl Registry for Consul {
                 checks: vec![CheckDefinition {
                     check_id: check_id.clone(),
                     name: "tether agent liveness".into(),
-                    notes: Some(format!("heartbeated by tether every {}; every service tether registers aliases it", go(agent.heartbeat_every()))),
+                    notes: Some(format!(
+                        "heartbeated by tether every {}; every service tether registers aliases it",
+                        go(agent.heartbeat_every())
+                    )),
                     ttl: Some(go(agent.ttl)),
                     status: Some("passing".into()),
                     deregister_critical_service_after: Some(go(agent.deregister_after)),
@@ -188,7 +207,8 @@ impl Registry for Consul {
     }
 
     async fn list(&mut self) -> Result<Vec<RemoteEntry>> {
-        let (services, checks): (HashMap<String, AgentService>, HashMap<String, AgentCheck>) = tokio::try_join!(self.client.services(), self.client.checks()).map_err(err)?;
+        let (services, checks): (HashMap<String, AgentService>, HashMap<String, AgentCheck>) =
+            tokio::try_join!(self.client.services(), self.client.checks()).map_err(err)?;
         let agent_id = agent_service_id(&self.node);
         Ok(services
             .into_values()
@@ -196,7 +216,15 @@ impl Registry for Consul {
             .map(|s| {
                 let health = checks.get(&health_check_id(&s.id));
                 let alias = checks.contains_key(&alias_check_id(&s.id));
-                let fingerprint = fingerprint_of(&s.service, &s.address, s.port, s.tags.as_deref().unwrap_or(&[]), s.meta.as_ref().unwrap_or(&BTreeMap::new()), health.map(|c| c.notes.as_str()), alias);
+                let fingerprint = fingerprint_of(
+                    &s.service,
+                    &s.address,
+                    s.port,
+                    s.tags.as_deref().unwrap_or(&[]),
+                    s.meta.as_ref().unwrap_or(&BTreeMap::new()),
+                    health.map(|c| c.notes.as_str()),
+                    alias,
+                );
                 RemoteEntry { id: s.id, name: s.service, fingerprint, health: health.map(health_of) }
             })
             .collect())
