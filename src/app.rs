@@ -11,6 +11,7 @@ use crate::config::{agent, AgentConfig, BackendConfig, ServiceSpec};
 use crate::reconcile::Reconciler;
 use crate::registry::consul::client::ConsulClient;
 use crate::registry::consul::Consul;
+use crate::registry::etcd::Etcd;
 use crate::registry::Registry;
 use anyhow::Context;
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,9 +35,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             let client = ConsulClient::new(&c.address, token).context("building the Consul HTTP client")?;
             run_with(Consul::new(client, &config.node), &config, reload, shutdown).await
         }
-        BackendConfig::Etcd(_) => {
-            anyhow::bail!("{}: the etcd backend is not available in this build yet; use [consul]", config.path.display())
-        }
+        BackendConfig::Etcd(e) => run_with(Etcd::new(e.clone(), &config.node), &config, reload, shutdown).await,
     }
 }
 

@@ -5,4 +5,5 @@
 
 mod cli;
 mod consul;
+mod etcd;
 mod support;

@@ -39,7 +39,6 @@ struct Remote {
 
 struct Entry {
     spec: ServiceSpec,
-    fingerprint: String,
     /// Latest decided health from the probe; `None` before the first result.
     health: Option<Health>,
     critical_since: Option<Instant>,
@@ -143,7 +142,6 @@ impl<R: Registry> Reconciler<R> {
         }
         let mut touched = Vec::new();
         for (id, spec) in set {
-            let fingerprint = self.registry.fingerprint(&spec);
             match self.entries.get_mut(&id) {
                 Some(entry) if entry.spec == spec => continue,
                 Some(entry) => {
@@ -155,7 +153,6 @@ impl<R: Registry> Reconciler<R> {
                         entry.probe = spawn_probe(&self.probes, &id, self.generation, &spec, &self.health_tx);
                     }
                     entry.spec = spec;
-                    entry.fingerprint = fingerprint;
                 }
                 None => {
                     tracing::info!(service = %id, file = %spec.file.display(), "service added");
@@ -165,7 +162,6 @@ impl<R: Registry> Reconciler<R> {
                         id.clone(),
                         Entry {
                             spec,
-                            fingerprint,
                             health: None,
                             critical_since: None,
                             remote: None,
@@ -215,7 +211,8 @@ impl<R: Registry> Reconciler<R> {
                 return None;
             }
         }
-        Some(Remote { fingerprint: entry.fingerprint.clone(), health: Some(health) })
+        // Computed afresh: it may depend on backend state (etcd's lease).
+        Some(Remote { fingerprint: self.registry.fingerprint(&entry.spec), health: Some(health) })
     }
 
     /// Make the registry hold the desired view of one service.
@@ -259,7 +256,7 @@ impl<R: Registry> Reconciler<R> {
                     }
                     Write::Register(h) => {
                         tracing::info!(service = %id, status = %h.status, "registered");
-                        entry.remote = Some(Remote { fingerprint: entry.fingerprint.clone(), health: Some(h) });
+                        entry.remote = Some(Remote { fingerprint: self.registry.fingerprint(&entry.spec), health: Some(h) });
                     }
                     Write::Health(h) => {
                         tracing::debug!(service = %id, status = %h.status, "health written");

@@ -2,6 +2,7 @@
 //! they never decide health, and only the reconciler calls them.
 
 pub mod consul;
+pub mod etcd;
 
 use crate::config::ServiceSpec;
 use crate::health::Health;

@@ -366,3 +366,211 @@ impl Drop for Tether {
         self.kill();
     }
 }
+
+/// One etcd member (or a single-node cluster) on free loopback ports.
+pub struct EtcdMember {
+    child: Option<Child>,
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    data: PathBuf,
+    cluster: String,
+    token: String,
+    log: PathBuf,
+}
+
+/// An etcd cluster of one or more members.
+pub struct Etcd {
+    pub members: Vec<EtcdMember>,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start(n: usize) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let cluster = ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let token = format!("t{}", free_port());
+        let mut members: Vec<EtcdMember> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (c, p))| EtcdMember {
+                child: None,
+                name: format!("m{i}"),
+                client_port: *c,
+                peer_port: *p,
+                data: dir.path().join(format!("m{i}")),
+                cluster: cluster.clone(),
+                token: token.clone(),
+                log: dir.path().join(format!("m{i}.log")),
+            })
+            .collect();
+        for m in members.iter_mut() {
+            m.spawn();
+        }
+        let etcd = Etcd { members, _dir: dir };
+        wait_for(Duration::from_secs(60), "etcd to become healthy", || etcd.ctl_ok(&["endpoint", "health"]).then_some(()));
+        etcd
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect()
+    }
+
+    /// Endpoints of running members only, for etcdctl.
+    fn live_endpoints(&self) -> String {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new(tool("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.live_endpoints()))
+            .args(["--command-timeout=5s", "--dial-timeout=2s"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> bool {
+        Command::new(tool("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.live_endpoints()))
+            .args(["--command-timeout=2s", "--dial-timeout=1s"])
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Every key under `prefix` with its value (parsed as JSON), lease and mod revision.
+    pub fn get_prefix(&self, prefix: &str) -> Vec<(String, Value, i64, i64)> {
+        let out: Value = serde_json::from_str(&self.ctl(&["get", "--prefix", prefix, "-w", "json"])).unwrap();
+        out["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .map(|kv| {
+                        let key = String::from_utf8(b64(kv["key"].as_str().unwrap())).unwrap();
+                        let value = serde_json::from_slice(&b64(kv["value"].as_str().unwrap())).unwrap_or(Value::Null);
+                        (key, value, kv["lease"].as_i64().unwrap_or(0), kv["mod_revision"].as_i64().unwrap_or(0))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn revision(&self) -> i64 {
+        let out: Value = serde_json::from_str(&self.ctl(&["get", "nothing-here", "-w", "json"])).unwrap();
+        out["header"]["revision"].as_i64().unwrap()
+    }
+
+    /// (TTL left, granted TTL) of a lease.
+    pub fn lease_ttl(&self, lease: i64) -> (i64, i64) {
+        let out: Value = serde_json::from_str(&self.ctl(&["lease", "timetolive", &format!("{lease:x}"), "-w", "json"])).unwrap();
+        (out["ttl"].as_i64().unwrap(), out["granted-ttl"].as_i64().unwrap())
+    }
+
+    /// Index of the current leader.
+    pub fn leader(&self) -> usize {
+        wait_for(Duration::from_secs(30), "an etcd leader", || {
+            let out: Value = serde_json::from_str(&self.ctl(&["endpoint", "status", "-w", "json"])).ok()?;
+            let first = out.as_array()?.first()?;
+            let leader = first["Status"]["leader"].as_u64()?;
+            let ep = out.as_array()?.iter().find(|s| s["Status"]["header"]["member_id"].as_u64() == Some(leader))?;
+            let port: u16 = ep["Endpoint"].as_str()?.rsplit(':').next()?.parse().ok()?;
+            self.members.iter().position(|m| m.client_port == port)
+        })
+    }
+
+    pub fn stop_member(&mut self, i: usize) {
+        self.members[i].stop();
+    }
+
+    pub fn start_member(&mut self, i: usize) {
+        self.members[i].spawn();
+    }
+
+    /// Stop a single-node cluster, wipe its data and start it empty.
+    pub fn restart_wiped(&mut self) {
+        for m in self.members.iter_mut() {
+            m.stop();
+            let _ = std::fs::remove_dir_all(&m.data);
+            m.token = format!("t{}", free_port());
+        }
+        for m in self.members.iter_mut() {
+            m.spawn();
+        }
+        wait_for(Duration::from_secs(60), "etcd to become healthy", || self.ctl_ok(&["endpoint", "health"]).then_some(()));
+    }
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|&c| c != b'=') {
+        buf = (buf << 6) | A.iter().position(|&a| a == c).unwrap() as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+impl EtcdMember {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let state = if self.data.exists() { "existing" } else { "new" };
+        let child = Command::new(tool("etcd"))
+            .arg(format!("--name={}", self.name))
+            .arg(format!("--data-dir={}", self.data.display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", self.client_port))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{}", self.client_port))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", self.peer_port))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{}", self.peer_port))
+            .arg(format!("--initial-cluster={}", self.cluster))
+            .arg(format!("--initial-cluster-state={state}"))
+            .arg(format!("--initial-cluster-token={}", self.token))
+            .args(["--heartbeat-interval=50", "--election-timeout=500", "--log-level=warn"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Setup {
+    pub fn etcd(etcd: &Etcd, extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("services.d")).unwrap();
+        let eps = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+        let text = format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[etcd]\nendpoints = [{eps}]\nprefix = \"services\"\n");
+        std::fs::write(dir.path().join("tether.toml"), text).unwrap();
+        Setup { dir }
+    }
+}
