@@ -1,4 +1,5 @@
-//! Wires the pipeline: config scanner → reconciler (with its probes) → registry.
+//! Wires the pipeline: config scanner → reconciler (with its probes) → registry,
+//! with telemetry (metrics, status, HTTP listener, systemd) beside it.
 //!
 //! Shutdown flows one way: SIGTERM/SIGINT → the root token → the scanner and
 //! the reconciler, which stops its probes and (when configured) deregisters.
@@ -13,8 +14,10 @@ use crate::registry::consul::client::ConsulClient;
 use crate::registry::consul::Consul;
 use crate::registry::etcd::Etcd;
 use crate::registry::Registry;
+use crate::telemetry::{http, systemd, Telemetry};
 use anyhow::Context;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
@@ -27,61 +30,94 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(30);
 /// Run the agent until SIGTERM/SIGINT (or `shutdown` is cancelled).
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let reload = Arc::new(Notify::new());
-    spawn_signals(shutdown.clone(), reload.clone())?;
+    let sighup = Arc::new(AtomicBool::new(false));
+    spawn_signals(shutdown.clone(), reload.clone(), sighup.clone())?;
     tracing::info!(config = %config.path.display(), services_dir = %config.services_dir.display(), node = %config.node, backend = config.backend.kind().as_str(), "tether starting");
+    let endpoint = match &config.backend {
+        BackendConfig::Consul(c) => c.address.clone(),
+        BackendConfig::Etcd(e) => e.endpoints.join(","),
+    };
+    let telemetry = Arc::new(Telemetry::new(&config.node, config.backend.kind().as_str(), &endpoint));
+    if let Some(addr) = config.listen {
+        http::serve(addr, telemetry.clone(), shutdown.clone())
+            .await
+            .with_context(|| format!("{}: cannot listen on {addr} (listen)", config.path.display()))?;
+    }
+    let pipeline = Pipeline { config: &config, reload, sighup, shutdown, telemetry };
     match &config.backend {
         BackendConfig::Consul(c) => {
-            let token = c.token_file.as_deref().map(agent::read_secret).transpose()?;
+            let token = match &c.token_file {
+                Some(file) => Some(agent::read_secret(file)?),
+                None => agent::credential("consul.token")?,
+            };
             let client = ConsulClient::new(&c.address, token).context("building the Consul HTTP client")?;
-            run_with(Consul::new(client, &config.node), &config, reload, shutdown).await
+            pipeline.run(Consul::new(client, &config.node)).await
         }
-        BackendConfig::Etcd(e) => run_with(Etcd::new(e.clone(), &config.node), &config, reload, shutdown).await,
+        BackendConfig::Etcd(e) => pipeline.run(Etcd::new(e.clone(), &config.node)).await,
     }
 }
 
-async fn run_with<R: Registry>(registry: R, config: &AgentConfig, reload: Arc<Notify>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let reconciler = Reconciler::new(registry, &config.node, config.deregister_on_shutdown);
-    let (desired_tx, desired_rx) = mpsc::channel(4);
-    let reconcile_token = shutdown.child_token();
-    let reconcile = tokio::spawn(reconciler.run(desired_rx, reconcile_token.clone()));
+struct Pipeline<'a> {
+    config: &'a AgentConfig,
+    reload: Arc<Notify>,
+    sighup: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    telemetry: Arc<Telemetry>,
+}
 
-    let mut watcher = match DirWatcher::new(&config.services_dir, reload.clone()) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(dir = %config.services_dir.display(), error = %e, "cannot watch the services directory; relying on rescans every {:?} and SIGHUP", RESYNC_EVERY);
-            None
-        }
-    };
-    let mut loader = Loader::new(config.services_dir.clone(), config.defaults());
-    let mut scanner = Scanner::default();
-    loop {
-        if let Some(set) = scanner.scan(&mut loader) {
-            if desired_tx.send(set).await.is_err() {
-                break;
+impl Pipeline<'_> {
+    async fn run<R: Registry>(self, registry: R) -> anyhow::Result<()> {
+        let config = self.config;
+        let reconciler = Reconciler::new(registry, &config.node, config.deregister_on_shutdown, self.telemetry.clone());
+        let (desired_tx, desired_rx) = mpsc::channel(4);
+        let reconcile_token = self.shutdown.child_token();
+        let reconcile = tokio::spawn(reconciler.run(desired_rx, reconcile_token.clone()));
+
+        let mut watcher = match DirWatcher::new(&config.services_dir, self.reload.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %config.services_dir.display(), error = %e, "cannot watch the services directory; relying on rescans every {:?} and SIGHUP", RESYNC_EVERY);
+                None
             }
+        };
+        let mut loader = Loader::new(config.services_dir.clone(), config.defaults());
+        let mut scanner = Scanner { last: None, errors: BTreeSet::new(), telemetry: self.telemetry.clone() };
+        loop {
+            let reloading = self.sighup.swap(false, Ordering::Relaxed);
+            if reloading {
+                systemd::reloading();
+            }
+            if let Some(set) = scanner.scan(&mut loader) {
+                if desired_tx.send(set).await.is_err() {
+                    break;
+                }
+            }
+            if reloading && self.telemetry.is_ready() {
+                systemd::ready();
+            }
+            if let Some(w) = watcher.as_mut() {
+                w.refresh();
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = self.reload.notified() => {}
+                _ = tokio::time::sleep(RESYNC_EVERY) => {}
+            }
+            // Let a burst of events (an editor's save, a ConfigMap swap) settle.
+            tokio::time::sleep(DEBOUNCE).await;
         }
-        if let Some(w) = watcher.as_mut() {
-            w.refresh();
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = reload.notified() => {}
-            _ = tokio::time::sleep(RESYNC_EVERY) => {}
-        }
-        // Let a burst of events (an editor's save, a ConfigMap swap) settle.
-        tokio::time::sleep(DEBOUNCE).await;
+        reconcile_token.cancel();
+        reconcile.await.context("reconciler task")?;
+        tracing::info!("tether stopped");
+        Ok(())
     }
-    reconcile_token.cancel();
-    reconcile.await.context("reconciler task")?;
-    tracing::info!("tether stopped");
-    Ok(())
 }
 
 /// Turns scans into desired sets, logging each configuration error once.
-#[derive(Default)]
 struct Scanner {
     last: Option<BTreeMap<String, ServiceSpec>>,
     errors: BTreeSet<String>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Scanner {
@@ -95,16 +131,19 @@ impl Scanner {
         for e in self.errors.difference(&errors) {
             tracing::info!("resolved: {e}");
         }
+        self.telemetry.metrics.config_errors.set(errors.len() as i64);
+        self.telemetry.status.lock().expect("status lock").config_errors = errors.iter().cloned().collect();
         self.errors = errors;
         if self.last.as_ref() == Some(&scan.services) {
             return None;
         }
+        self.telemetry.metrics.config_reloads.inc();
         self.last = Some(scan.services.clone());
         Some(scan.services)
     }
 }
 
-fn spawn_signals(shutdown: CancellationToken, reload: Arc<Notify>) -> anyhow::Result<()> {
+fn spawn_signals(shutdown: CancellationToken, reload: Arc<Notify>, sighup: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
@@ -113,7 +152,11 @@ fn spawn_signals(shutdown: CancellationToken, reload: Arc<Notify>) -> anyhow::Re
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
-                _ = hup.recv() => { tracing::info!("SIGHUP: reloading services"); reload.notify_one(); }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading services");
+                    sighup.store(true, Ordering::Relaxed);
+                    reload.notify_one();
+                }
             }
         }
         shutdown.cancel();

@@ -31,6 +31,14 @@ enum Command {
         /// Service files or directories to check instead of the configured services_dir.
         paths: Vec<PathBuf>,
     },
+    /// Show what the running agent is doing (reads its /v1/status).
+    Status {
+        #[arg(long, default_value = agent::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Probe one gRPC server once. Exit codes as grpc_health_probe: 0 SERVING,
     /// 1 bad arguments, 2 connection failure, 3 RPC failure, 4 not SERVING.
     Check {
@@ -85,6 +93,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Validate { config, paths } => validate(&config, &paths),
+        Command::Status { config, json } => runtime.block_on(status(&config, json)),
         Command::Check { addr, service, timeout } => runtime.block_on(check(&addr, &service, timeout)),
     }
 }
@@ -208,4 +217,84 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+async fn status(config: &std::path::Path, json: bool) -> ExitCode {
+    let cfg = match agent::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(mut addr) = cfg.listen else {
+        eprintln!("error: {}: listen is \"\", so the agent serves no status; set listen = \"127.0.0.1:9469\"", config.display());
+        return ExitCode::from(1);
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{addr}/v1/status");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().expect("http client");
+    let body = match client.get(&url).send().await.and_then(|r| r.error_for_status()) {
+        Ok(r) => match r.text().await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: reading {url}: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        Err(e) => {
+            eprintln!(
+                "error: no tether agent answers at {url} ({}); is `tether run --config {}` running?",
+                error_chain(&e),
+                config.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        print!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    let st: crate::telemetry::status::Status = match serde_json::from_str(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {url} did not return tether's status: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let b = &st.backend;
+    println!(
+        "tether {} on node {}: {} at {} ({}), {}",
+        st.version,
+        st.node,
+        b.kind,
+        b.endpoint,
+        if b.connected { "connected" } else { "NOT connected" },
+        if st.ready { "ready" } else { "not ready yet" }
+    );
+    if let Some(hb) = &b.last_heartbeat {
+        println!("last heartbeat {hb}");
+    }
+    if let Some(e) = &b.last_error {
+        println!("last registry error: {e}");
+    }
+    println!();
+    println!("{:<28} {:<16} {:<9} {:<10} {:<24} OUTPUT", "ID", "NAME", "HEALTH", "REGISTERED", "SINCE");
+    for s in &st.services {
+        println!(
+            "{:<28} {:<16} {:<9} {:<10} {:<24} {}",
+            s.id,
+            s.name,
+            s.health,
+            if s.registered { "yes" } else { "no" },
+            s.since.as_deref().unwrap_or("-"),
+            s.output
+        );
+    }
+    for e in &st.config_errors {
+        println!("config error: {e}");
+    }
+    ExitCode::SUCCESS
 }

@@ -20,3 +20,4 @@ pub mod config;
 pub mod health;
 pub mod reconcile;
 pub mod registry;
+pub mod telemetry;

@@ -6,4 +6,5 @@
 mod cli;
 mod consul;
 mod etcd;
+mod ops;
 mod support;

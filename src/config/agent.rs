@@ -83,6 +83,7 @@ struct RawAgent {
     node: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
     deregister_on_shutdown: Option<bool>,
+    allow_remote_listen: Option<bool>,
     consul: Option<Spanned<RawConsul>>,
     etcd: Option<Spanned<RawEtcd>>,
 }
@@ -131,13 +132,23 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
     let listen = match raw.listen {
         None => Some(SocketAddr::from(([127, 0, 0, 1], 9469))),
         Some(l) if l.get_ref().is_empty() => None,
-        Some(l) => Some(l.get_ref().parse::<SocketAddr>().map_err(|_| {
-            err(
-                l.span(),
-                format!("listen {:?} is not an address:port", l.get_ref()),
-                "write it as \"127.0.0.1:9469\", or \"\" to turn the listener off",
-            )
-        })?),
+        Some(l) => {
+            let addr = l.get_ref().parse::<SocketAddr>().map_err(|_| {
+                err(
+                    l.span(),
+                    format!("listen {:?} is not an address:port", l.get_ref()),
+                    "write it as \"127.0.0.1:9469\", or \"\" to turn the listener off",
+                )
+            })?;
+            if !addr.ip().is_loopback() && !raw.allow_remote_listen.unwrap_or(false) {
+                return Err(err(
+                    l.span(),
+                    format!("listen {addr} is not a loopback address; status and metrics would be open to the network"),
+                    "use 127.0.0.1, or set allow_remote_listen = true if you mean it",
+                ));
+            }
+            Some(addr)
+        }
     };
     let backend = match (raw.consul, raw.etcd) {
         (Some(_), Some(e)) => {
@@ -239,6 +250,17 @@ pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
     Ok(text.trim().to_string())
 }
 
+/// A secret handed over by systemd's `LoadCredential=` (in
+/// `$CREDENTIALS_DIRECTORY`), if there is one by that name.
+pub fn credential(name: &str) -> Result<Option<String>, ConfigError> {
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else { return Ok(None) };
+    let path = Path::new(&dir).join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    read_secret(&path).map(Some)
+}
+
 /// This host's primary non-loopback IP (IPv4 preferred), or 127.0.0.1.
 pub fn primary_ip() -> String {
     let addrs = if_addrs::get_if_addrs().unwrap_or_default();
@@ -262,6 +284,14 @@ mod tests {
         let BackendConfig::Consul(consul) = c.backend else { panic!() };
         assert_eq!(consul.address, "http://127.0.0.1:8500");
         assert_eq!(consul.token_file.unwrap(), Path::new("/etc/tether/consul.token"));
+    }
+
+    #[test]
+    fn listen_is_loopback_unless_allowed() {
+        let e = parse(Path::new("t.toml"), "listen = \"0.0.0.0:9469\"\n[consul]\n").unwrap_err();
+        assert!(e.to_string().contains("not a loopback address"), "{e}");
+        let c = parse(Path::new("t.toml"), "listen = \"0.0.0.0:9469\"\nallow_remote_listen = true\n[consul]\n").unwrap();
+        assert_eq!(c.listen.unwrap().port(), 9469);
     }
 
     #[test]

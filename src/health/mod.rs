@@ -53,4 +53,6 @@ impl Health {
 pub struct Observation {
     pub ok: bool,
     pub output: String,
+    /// Round trip of a Check, or the wait from opening Watch to its first message.
+    pub latency: Option<std::time::Duration>,
 }

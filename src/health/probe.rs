@@ -47,6 +47,8 @@ pub struct Probe {
     backoff: Option<Duration>,
     /// When to drop a stream that keeps saying the service is not serving.
     drop_at: Option<Instant>,
+    /// When the current Watch was opened, until its first message.
+    opened: Option<Instant>,
     /// When the next periodic observation is due.
     next_tick: Instant,
     logged_fallback: bool,
@@ -56,7 +58,17 @@ impl Probe {
     pub fn new(spec: CheckSpec) -> Result<Self, String> {
         let client = HealthClient::new(channel(&spec.target, spec.timeout)?);
         let watching = spec.mode == CheckMode::Watch;
-        Ok(Probe { client, watching, stream: None, backoff: None, drop_at: None, next_tick: Instant::now(), logged_fallback: false, spec })
+        Ok(Probe {
+            client,
+            watching,
+            stream: None,
+            backoff: None,
+            drop_at: None,
+            opened: None,
+            next_tick: Instant::now(),
+            logged_fallback: false,
+            spec,
+        })
     }
 
     /// Wait for and return the next observation.
@@ -81,6 +93,7 @@ impl Probe {
                     sleep(jitter(delay)).await;
                 }
                 let req = HealthCheckRequest { service: self.spec.service.clone() };
+                self.opened = Some(Instant::now());
                 match timeout(self.spec.timeout, self.client.watch(req)).await {
                     Err(_) => {
                         return self
@@ -108,7 +121,8 @@ impl Probe {
             tokio::select! {
                 msg = stream.message() => return match msg {
                     Ok(Some(resp)) => {
-                        let obs = observe_status(resp.status);
+                        let mut obs = observe_status(resp.status);
+                        obs.latency = self.opened.take().map(|t| t.elapsed());
                         self.next_tick = Instant::now() + self.spec.interval;
                         if obs.ok {
                             self.backoff = None;
@@ -147,19 +161,24 @@ impl Probe {
             None => BACKOFF_START,
             Some(d) => (d * 2).min(cap),
         });
-        Observation { ok: false, output }
+        Observation { ok: false, output, latency: None }
     }
 
     async fn check(&mut self) -> Observation {
         let mut req = tonic::Request::new(HealthCheckRequest { service: self.spec.service.clone() });
         req.set_timeout(self.spec.timeout);
-        match timeout(self.spec.timeout, self.client.check(req)).await {
-            Err(_) => {
-                Observation { ok: false, output: format!("deadline exceeded after {}", humantime::format_duration(self.spec.timeout)) }
-            }
-            Ok(Err(status)) => Observation { ok: false, output: describe(&status, self.spec.timeout) },
+        let started = Instant::now();
+        let mut obs = match timeout(self.spec.timeout, self.client.check(req)).await {
+            Err(_) => Observation {
+                ok: false,
+                output: format!("deadline exceeded after {}", humantime::format_duration(self.spec.timeout)),
+                latency: None,
+            },
+            Ok(Err(status)) => Observation { ok: false, output: describe(&status, self.spec.timeout), latency: None },
             Ok(Ok(resp)) => observe_status(resp.into_inner().status),
-        }
+        };
+        obs.latency = Some(started.elapsed());
+        obs
     }
 }
 
@@ -176,9 +195,9 @@ pub fn channel(target: &str, connect_timeout: Duration) -> Result<Channel, Strin
 /// SERVING passes; NOT_SERVING, SERVICE_UNKNOWN and UNKNOWN fail.
 pub fn observe_status(status: i32) -> Observation {
     match ServingStatus::try_from(status) {
-        Ok(ServingStatus::Serving) => Observation { ok: true, output: "SERVING".into() },
-        Ok(s) => Observation { ok: false, output: s.as_str_name().to_string() },
-        Err(_) => Observation { ok: false, output: format!("unknown serving status {status}") },
+        Ok(ServingStatus::Serving) => Observation { ok: true, output: "SERVING".into(), latency: None },
+        Ok(s) => Observation { ok: false, output: s.as_str_name().to_string(), latency: None },
+        Err(_) => Observation { ok: false, output: format!("unknown serving status {status}"), latency: None },
     }
 }
 

@@ -4,6 +4,9 @@ use super::probe::Probe;
 use super::threshold::Threshold;
 use super::{Health, Status};
 use crate::config::CheckSpec;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::Telemetry;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +20,15 @@ pub struct HealthChange {
 }
 
 /// Probe `spec` until `cancel` fires, sending every state change to `tx`.
-pub async fn supervise(id: String, generation: u64, spec: CheckSpec, tx: mpsc::Sender<HealthChange>, cancel: CancellationToken) {
+pub async fn supervise(
+    id: String,
+    generation: u64,
+    spec: CheckSpec,
+    tx: mpsc::Sender<HealthChange>,
+    cancel: CancellationToken,
+    telemetry: Arc<Telemetry>,
+) {
+    let latency = telemetry.metrics.check_duration.get_or_create_owned(&Metrics::service(&id));
     let mut probe = match Probe::new(spec.clone()) {
         Ok(p) => p,
         Err(e) => {
@@ -31,6 +42,9 @@ pub async fn supervise(id: String, generation: u64, spec: CheckSpec, tx: mpsc::S
             _ = cancel.cancelled() => return,
             obs = probe.next() => obs,
         };
+        if let Some(d) = obs.latency {
+            latency.observe(d.as_secs_f64());
+        }
         if let Some(status) = threshold.observe(obs.ok) {
             match status {
                 Status::Passing => tracing::info!(service = %id, output = %obs.output, "health: passing"),

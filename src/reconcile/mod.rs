@@ -8,16 +8,21 @@
 //! churn. Anti-entropy (at start, after any registry error, and on a jittered
 //! period) re-reads the remote view, re-registers what is missing and removes
 //! records this node owns that no file describes. It never touches records
-//! owned by anyone else.
+//! owned by anyone else. Its loop also drives tether's liveness heartbeat and
+//! the systemd watchdog, so a stuck loop shows up as a dead agent.
 
 use crate::config::ServiceSpec;
 use crate::health::supervisor::{supervise, HealthChange};
 use crate::health::{Health, Status};
 use crate::registry::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry};
+use crate::telemetry::metrics::{unix_now, Metrics};
+use crate::telemetry::status::{rfc3339, ServiceStatus};
+use crate::telemetry::{systemd, Telemetry};
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,6 +32,8 @@ pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(30);
 /// Retry delays after registry errors: doubling from the first to the cap, jittered.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(10);
+/// The loop turns at least this often (loop-alive mark, watchdog).
+const TICK: Duration = Duration::from_secs(1);
 /// Output shown for a new service before its first health result.
 pub const WAITING: &str = "waiting for the first gRPC health result";
 
@@ -42,19 +49,14 @@ struct Entry {
     /// Latest decided health from the probe; `None` before the first result.
     health: Option<Health>,
     critical_since: Option<Instant>,
+    /// When `health` last changed.
+    since: Option<SystemTime>,
     remote: Option<Remote>,
     last_write: Instant,
+    last_write_at: Option<SystemTime>,
+    last_error: Option<String>,
     generation: u64,
     probe: CancellationToken,
-}
-
-/// Read-only view for status reporting.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServiceView {
-    pub id: String,
-    pub name: String,
-    pub health: Option<Health>,
-    pub registered: bool,
 }
 
 pub struct Reconciler<R: Registry> {
@@ -72,11 +74,14 @@ pub struct Reconciler<R: Registry> {
     health_tx: mpsc::Sender<HealthChange>,
     health_rx: mpsc::Receiver<HealthChange>,
     probes: TaskTracker,
-    ready: watch::Sender<bool>,
+    telemetry: Arc<Telemetry>,
+    watchdog_every: Option<Duration>,
+    next_watchdog: Instant,
+    last_heartbeat: Option<SystemTime>,
 }
 
 impl<R: Registry> Reconciler<R> {
-    pub fn new(registry: R, node: &str, deregister_on_shutdown: bool) -> Self {
+    pub fn new(registry: R, node: &str, deregister_on_shutdown: bool, telemetry: Arc<Telemetry>) -> Self {
         let (health_tx, health_rx) = mpsc::channel(1024);
         let now = Instant::now();
         Reconciler {
@@ -93,13 +98,11 @@ impl<R: Registry> Reconciler<R> {
             health_tx,
             health_rx,
             probes: TaskTracker::new(),
-            ready: watch::channel(false).0,
+            telemetry,
+            watchdog_every: systemd::watchdog_every(),
+            next_watchdog: now,
+            last_heartbeat: None,
         }
-    }
-
-    /// Becomes true after the first successful anti-entropy pass.
-    pub fn ready(&self) -> watch::Receiver<bool> {
-        self.ready.subscribe()
     }
 
     /// Run until `shutdown` fires; `desired` delivers each new desired set.
@@ -114,7 +117,9 @@ impl<R: Registry> Reconciler<R> {
             },
         }
         loop {
+            self.turn();
             let deadline = self.next_deadline();
+            let tick = Instant::now() + self.watchdog_every.map_or(TICK, |w| w.min(TICK));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -123,9 +128,22 @@ impl<R: Registry> Reconciler<R> {
                 _ = sleep_until(self.next_heartbeat), if !self.stale => self.heartbeat().await,
                 _ = sleep_until(self.next_anti_entropy) => self.anti_entropy().await,
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => self.sync_all().await,
+                _ = sleep_until(tick) => {}
             }
+            self.publish();
         }
         self.shutdown().await;
+    }
+
+    /// Marks the loop alive, and pings systemd's watchdog when due.
+    fn turn(&mut self) {
+        self.telemetry.loop_turn();
+        if let Some(every) = self.watchdog_every {
+            if Instant::now() >= self.next_watchdog {
+                systemd::watchdog();
+                self.next_watchdog = Instant::now() + every;
+            }
+        }
     }
 
     /// Start, stop or restart probes and records for a new desired set.
@@ -134,6 +152,7 @@ impl<R: Registry> Reconciler<R> {
         for id in removed {
             let entry = self.entries.remove(&id).expect("present");
             entry.probe.cancel();
+            self.telemetry.metrics.forget(&id);
             tracing::info!(service = %id, file = %entry.spec.file.display(), "service file removed");
             if entry.remote.is_some() && !self.stale {
                 self.write(&id, entry.spec.name.clone(), Write::Deregister).await;
@@ -150,22 +169,26 @@ impl<R: Registry> Reconciler<R> {
                         entry.probe.cancel();
                         self.generation += 1;
                         entry.generation = self.generation;
-                        entry.probe = spawn_probe(&self.probes, &id, self.generation, &spec, &self.health_tx);
+                        entry.probe = spawn_probe(&self.probes, &id, self.generation, &spec, &self.health_tx, &self.telemetry);
                     }
                     entry.spec = spec;
                 }
                 None => {
                     tracing::info!(service = %id, file = %spec.file.display(), "service added");
                     self.generation += 1;
-                    let probe = spawn_probe(&self.probes, &id, self.generation, &spec, &self.health_tx);
+                    let probe = spawn_probe(&self.probes, &id, self.generation, &spec, &self.health_tx, &self.telemetry);
+                    self.telemetry.metrics.service_health.get_or_create(&Metrics::service(&id)).set(-1);
                     self.entries.insert(
                         id.clone(),
                         Entry {
                             spec,
                             health: None,
                             critical_since: None,
+                            since: None,
                             remote: None,
                             last_write: Instant::now(),
+                            last_write_at: None,
+                            last_error: None,
                             generation: self.generation,
                             probe,
                         },
@@ -174,6 +197,7 @@ impl<R: Registry> Reconciler<R> {
             }
             touched.push(id);
         }
+        self.telemetry.metrics.services.set(self.entries.len() as i64);
         let agent = AgentInfo::for_services(&self.node, self.entries.values().map(|e| &e.spec));
         if self.agent.as_ref() != Some(&agent) && !self.stale {
             self.ensure_agent(agent).await;
@@ -192,6 +216,10 @@ impl<R: Registry> Reconciler<R> {
             Status::Critical => entry.critical_since.or(Some(Instant::now())),
             Status::Passing => None,
         };
+        let m = &self.telemetry.metrics;
+        m.service_health.get_or_create(&Metrics::service(&change.id)).set(i64::from(change.health.status == Status::Passing));
+        m.transition(&change.id, change.health.status.as_str());
+        entry.since = Some(SystemTime::now());
         entry.health = Some(change.health);
         self.sync(&change.id).await;
     }
@@ -242,16 +270,29 @@ impl<R: Registry> Reconciler<R> {
             (Write::Health(h), Some(e)) => self.registry.set_health(&e.spec, h).await,
             (_, None) => return,
         };
+        let op_name = op.name();
+        self.count(op_name, &result);
+        let Some(entry) = self.entries.get_mut(id) else {
+            match result {
+                Ok(()) => tracing::info!(service = %id, "deregistered"),
+                Err(e) => self.registry_error(&format!("deregistering removed service {id}"), e),
+            }
+            return;
+        };
         match result {
             Ok(()) => {
-                let Some(entry) = self.entries.get_mut(id) else {
-                    tracing::info!(service = %id, "deregistered");
-                    return;
-                };
                 entry.last_write = Instant::now();
+                entry.last_write_at = Some(SystemTime::now());
+                entry.last_error = None;
+                self.telemetry.metrics.service_last_write.get_or_create(&Metrics::service(id)).set(unix_now());
                 match op {
                     Write::Deregister => {
-                        tracing::info!(service = %id, "deregistered (critical for longer than deregister_critical_after, or not passing)");
+                        let why = if self.registry.keeps_critical() {
+                            "critical for longer than deregister_critical_after"
+                        } else {
+                            "not passing"
+                        };
+                        tracing::info!(service = %id, reason = why, "deregistered");
                         entry.remote = None;
                     }
                     Write::Register(h) => {
@@ -266,21 +307,43 @@ impl<R: Registry> Reconciler<R> {
                     }
                 }
             }
-            Err(e) => self.registry_error(&format!("writing service {id}"), e),
+            Err(e) => {
+                entry.last_error = Some(e.to_string());
+                self.registry_error(&format!("writing service {id}"), e);
+            }
+        }
+    }
+
+    fn count(&self, op: &str, result: &Result<(), RegistryError>) {
+        let m = &self.telemetry.metrics;
+        m.op(op);
+        if let Err(e) = result {
+            m.error(op, e.kind.as_str());
         }
     }
 
     async fn heartbeat(&mut self) {
         let every = self.agent.as_ref().map_or(Duration::from_secs(5), AgentInfo::heartbeat_every);
         self.next_heartbeat = Instant::now() + every;
-        if let Err(e) = self.registry.heartbeat().await {
-            self.registry_error("heartbeat", e);
+        let result = self.registry.heartbeat().await;
+        self.count("heartbeat", &result);
+        match result {
+            Ok(()) => self.heartbeat_ok(),
+            Err(e) => self.registry_error("heartbeat", e),
         }
     }
 
+    fn heartbeat_ok(&mut self) {
+        self.last_heartbeat = Some(SystemTime::now());
+        self.telemetry.metrics.heartbeat_last.set(unix_now());
+    }
+
     async fn ensure_agent(&mut self, agent: AgentInfo) -> bool {
-        match self.registry.ensure_agent(&agent).await {
+        let result = self.registry.ensure_agent(&agent).await;
+        self.count("ensure_agent", &result);
+        match result {
             Ok(()) => {
+                self.heartbeat_ok();
                 self.next_heartbeat = Instant::now() + agent.heartbeat_every();
                 self.agent = Some(agent);
                 true
@@ -299,7 +362,9 @@ impl<R: Registry> Reconciler<R> {
         if !self.ensure_agent(agent).await {
             return;
         }
-        let remote = match self.registry.list().await {
+        let listed = self.registry.list().await;
+        self.count("list", &listed.as_ref().map(drop).map_err(Clone::clone));
+        let remote = match listed {
             Ok(r) => r,
             Err(e) => return self.registry_error("listing registered services", e),
         };
@@ -310,11 +375,13 @@ impl<R: Registry> Reconciler<R> {
         for (id, entry) in self.entries.iter_mut() {
             entry.remote = by_id.remove(id).map(|r| Remote { fingerprint: r.fingerprint, health: r.health });
         }
-        let mut fixes = 0usize;
+        let mut fixes = 0u64;
         for orphan in by_id.into_values() {
             tracing::info!(service = %orphan.id, "removing a registration owned by this node that no file describes");
             fixes += 1;
-            if let Err(e) = self.registry.deregister(&orphan.id, &orphan.name).await {
+            let result = self.registry.deregister(&orphan.id, &orphan.name).await;
+            self.count("deregister", &result);
+            if let Err(e) = result {
                 return self.registry_error("removing an orphaned registration", e);
             }
         }
@@ -329,9 +396,23 @@ impl<R: Registry> Reconciler<R> {
                 fixes += 1;
             }
         }
-        let first = self.ready.send_if_modified(|r| !std::mem::replace(r, true));
+        let m = &self.telemetry.metrics;
+        m.anti_entropy_runs.inc();
+        m.anti_entropy_fixes.inc_by(fixes);
+        if was_retrying {
+            m.registry_reconnects.inc();
+        }
+        let first = !self.telemetry.is_ready();
         if first || was_retrying || fixes > 0 {
             tracing::info!(fixes, services = self.entries.len(), "anti-entropy: registry in sync");
+        }
+        {
+            let mut status = self.telemetry.status.lock().expect("status lock");
+            status.backend.last_anti_entropy = Some(rfc3339(SystemTime::now()));
+        }
+        if first {
+            self.telemetry.set_ready();
+            systemd::ready();
         }
     }
 
@@ -366,9 +447,38 @@ impl<R: Registry> Reconciler<R> {
             ErrorKind::Missing => tracing::warn!(error = %e, "{what}: registry lost tether's records; re-registering"),
             _ => tracing::warn!(error = %e, retry_in = ?delay, "{what} failed"),
         }
+        let mut status = self.telemetry.status.lock().expect("status lock");
+        status.backend.last_error = Some(format!("{}: {what}: {e}", rfc3339(SystemTime::now())));
+    }
+
+    /// Publish the status snapshot.
+    fn publish(&self) {
+        let heartbeat = self.last_heartbeat.map(rfc3339);
+        let services = self
+            .entries
+            .values()
+            .map(|e| ServiceStatus {
+                id: e.spec.id.clone(),
+                name: e.spec.name.clone(),
+                file: e.spec.file.display().to_string(),
+                health: e.health.as_ref().map_or("unknown", |h| h.status.as_str()).to_string(),
+                output: e.health.as_ref().map_or(WAITING.to_string(), |h| h.output.clone()),
+                since: e.since.map(rfc3339),
+                registered: e.remote.is_some(),
+                last_write: e.last_write_at.map(rfc3339),
+                last_heartbeat: e.remote.as_ref().and(heartbeat.clone()),
+                last_error: e.last_error.clone(),
+            })
+            .collect();
+        let mut status = self.telemetry.status.lock().expect("status lock");
+        status.services = services;
+        status.ready = self.telemetry.is_ready();
+        status.backend.connected = !self.stale;
+        status.backend.last_heartbeat = heartbeat;
     }
 
     async fn shutdown(mut self) {
+        systemd::stopping();
         for entry in self.entries.values() {
             entry.probe.cancel();
         }
@@ -392,19 +502,6 @@ impl<R: Registry> Reconciler<R> {
             tracing::warn!(error = %e, "could not remove tether's own registration; it will expire by TTL");
         }
     }
-
-    /// A snapshot for status reporting.
-    pub fn views(&self) -> Vec<ServiceView> {
-        self.entries
-            .values()
-            .map(|e| ServiceView {
-                id: e.spec.id.clone(),
-                name: e.spec.name.clone(),
-                health: e.health.clone(),
-                registered: e.remote.is_some(),
-            })
-            .collect()
-    }
 }
 
 enum Write {
@@ -413,9 +510,26 @@ enum Write {
     Deregister,
 }
 
-fn spawn_probe(tracker: &TaskTracker, id: &str, generation: u64, spec: &ServiceSpec, tx: &mpsc::Sender<HealthChange>) -> CancellationToken {
+impl Write {
+    fn name(&self) -> &'static str {
+        match self {
+            Write::Register(_) => "register",
+            Write::Health(_) => "set_health",
+            Write::Deregister => "deregister",
+        }
+    }
+}
+
+fn spawn_probe(
+    tracker: &TaskTracker,
+    id: &str,
+    generation: u64,
+    spec: &ServiceSpec,
+    tx: &mpsc::Sender<HealthChange>,
+    telemetry: &Arc<Telemetry>,
+) -> CancellationToken {
     let cancel = CancellationToken::new();
-    tracker.spawn(supervise(id.to_string(), generation, spec.check.clone(), tx.clone(), cancel.clone()));
+    tracker.spawn(supervise(id.to_string(), generation, spec.check.clone(), tx.clone(), cancel.clone(), telemetry.clone()));
     cancel
 }
 

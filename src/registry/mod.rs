@@ -56,6 +56,16 @@ pub enum ErrorKind {
     Rejected,
 }
 
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Missing => "missing",
+            ErrorKind::Rejected => "rejected",
+        }
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct RegistryError {

@@ -292,6 +292,15 @@ impl Setup {
     pub fn start(&self) -> Tether {
         Tether::start(&self.config(), self.dir.path())
     }
+
+    /// Start with extra environment variables.
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Tether {
+        let mut t =
+            Tether { child: None, log: self.dir.path().join(format!("tether-{}.log", free_port())), config: self.config(), env: vec![] };
+        t.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        t.spawn();
+        t
+    }
 }
 
 /// A running `tether run`.
@@ -299,12 +308,13 @@ pub struct Tether {
     child: Option<Child>,
     pub log: PathBuf,
     config: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Tether {
     pub fn start(config: &Path, dir: &Path) -> Tether {
         let log = dir.join(format!("tether-{}.log", free_port()));
-        let mut t = Tether { child: None, log, config: config.to_path_buf() };
+        let mut t = Tether { child: None, log, config: config.to_path_buf(), env: vec![] };
         t.spawn();
         t
     }
@@ -315,6 +325,7 @@ impl Tether {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,tether=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)

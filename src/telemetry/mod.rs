@@ -1,0 +1,56 @@
+//! Telemetry beside the pipeline: Prometheus metrics, the status snapshot,
+//! the local HTTP listener that serves both, and systemd notifications.
+//! Nothing here decides anything; the pipeline reports into it.
+
+pub mod http;
+pub mod metrics;
+pub mod status;
+pub mod systemd;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Shared by the pipeline (writers) and the HTTP listener (readers).
+pub struct Telemetry {
+    pub metrics: metrics::Metrics,
+    pub status: Mutex<status::Status>,
+    ready: AtomicBool,
+    started: Instant,
+    /// Milliseconds since `started` at the reconciler loop's last turn.
+    loop_turn_ms: AtomicU64,
+}
+
+/// The reconciler's loop is considered stuck after this long without a turn.
+pub const LOOP_STUCK_AFTER: Duration = Duration::from_secs(10);
+
+impl Telemetry {
+    pub fn new(node: &str, backend: &str, endpoint: &str) -> Self {
+        Telemetry {
+            metrics: metrics::Metrics::new(backend),
+            status: Mutex::new(status::Status::new(node, backend, endpoint)),
+            ready: AtomicBool::new(false),
+            started: Instant::now(),
+            loop_turn_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Called by the reconciler's loop on every turn.
+    pub fn loop_turn(&self) {
+        self.loop_turn_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the reconciler's loop turned recently.
+    pub fn loop_alive(&self) -> bool {
+        let last = Duration::from_millis(self.loop_turn_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last) < LOOP_STUCK_AFTER
+    }
+}

@@ -1,0 +1,67 @@
+//! The status snapshot served as JSON at `GET /v1/status` and printed by `tether status`.
+
+use serde::{Deserialize, Serialize};
+use std::time::SystemTime;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub node: String,
+    pub version: String,
+    pub ready: bool,
+    pub backend: BackendStatus,
+    pub services: Vec<ServiceStatus>,
+    /// Configuration problems found by the last scan.
+    pub config_errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendStatus {
+    pub kind: String,
+    pub endpoint: String,
+    /// Whether the last registry operation succeeded.
+    pub connected: bool,
+    pub last_error: Option<String>,
+    pub last_heartbeat: Option<String>,
+    pub last_anti_entropy: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    pub id: String,
+    pub name: String,
+    pub file: String,
+    /// "passing", "critical" or "unknown".
+    pub health: String,
+    pub output: String,
+    /// When the health last changed (RFC 3339).
+    pub since: Option<String>,
+    /// Whether the registry holds it (as far as tether knows).
+    pub registered: bool,
+    pub last_write: Option<String>,
+    pub last_heartbeat: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl Status {
+    pub fn new(node: &str, backend: &str, endpoint: &str) -> Self {
+        Status {
+            node: node.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ready: false,
+            backend: BackendStatus {
+                kind: backend.to_string(),
+                endpoint: endpoint.to_string(),
+                connected: false,
+                last_error: None,
+                last_heartbeat: None,
+                last_anti_entropy: None,
+            },
+            services: vec![],
+            config_errors: vec![],
+        }
+    }
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}

@@ -1,0 +1,161 @@
+//! Operating tether: systemd notify, the unit file, /metrics, /v1/status,
+//! `tether status`, and no secret anywhere it shows.
+
+use crate::support::*;
+use nix::sys::signal::Signal;
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+
+fn service(name: &str, port: u16) -> String {
+    format!("name = \"{name}\"\nid = \"{name}\"\nport = {port}\nttl = \"3s\"\n")
+}
+
+fn http_get(url: &str) -> (u16, String) {
+    let r = reqwest::blocking::Client::new().get(url).timeout(Duration::from_secs(5)).send().unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+#[test]
+fn systemd_notify_sequence() {
+    let consul = Consul::start();
+    let server = HealthServer::start(0, &[]);
+    let setup = Setup::consul(&consul, "");
+    setup.write_service("a.toml", &service("alpha", server.port));
+    let sock_path = setup.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tether = setup.start_with_env(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "400000")]);
+
+    let mut buf = [0u8; 4096];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification within 20s");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let mut seen: Vec<String> = vec![];
+    let mut wait_msg = |want: &str, seen: &mut Vec<String>| loop {
+        let m = next();
+        seen.push(m.clone());
+        if m.lines().any(|l| l == want) {
+            return;
+        }
+        assert!(seen.len() < 200, "never saw {want}: {seen:?}");
+    };
+    wait_msg("READY=1", &mut seen);
+    assert!(consul.check("tether:alpha").is_some(), "READY=1 only after the first reconcile");
+    wait_msg("WATCHDOG=1", &mut seen);
+    tether.signal(Signal::SIGHUP);
+    wait_msg("RELOADING=1", &mut seen);
+    wait_msg("READY=1", &mut seen);
+    tether.signal(Signal::SIGTERM);
+    wait_msg("STOPPING=1", &mut seen);
+    tether.kill();
+}
+
+#[test]
+fn metrics_status_and_status_command() {
+    let consul = Consul::start();
+    let mut server = HealthServer::start(0, &[]);
+    let port = free_port();
+    let secret = "s3cr3t-token-7d1f0c";
+    let setup = Setup::consul(&consul, "");
+    let config = std::fs::read_to_string(setup.config()).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let token = setup.dir.path().join("consul.token");
+    std::fs::write(&token, format!("{secret}\n")).unwrap();
+    std::fs::write(setup.config(), config.replace("[consul]\n", "[consul]\ntoken_file = \"consul.token\"\n")).unwrap();
+    setup.write_service("a.toml", &service("alpha", server.port));
+    let tether = setup.start();
+    consul.wait_health("alpha", "passing", T);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_for(T, "readyz", || (http_get(&format!("{base}/readyz")).0 == 200).then_some(()));
+    assert_eq!(http_get(&format!("{base}/healthz")).0, 200);
+
+    server.set("not_serving");
+    consul.wait_health("alpha", "critical", T);
+    let metrics = wait_for(T, "metrics to show the flip", || {
+        let (_, m) = http_get(&format!("{base}/metrics"));
+        m.contains("tether_service_health{service=\"alpha\"} 0").then_some(m)
+    });
+    for needle in [
+        "tether_service_transitions_total{service=\"alpha\",to=\"critical\"} 1",
+        "tether_service_transitions_total{service=\"alpha\",to=\"passing\"} 1",
+        "tether_check_duration_seconds_bucket{",
+        "tether_service_last_write_timestamp_seconds{service=\"alpha\"}",
+        "tether_heartbeat_last_timestamp_seconds",
+        "tether_registry_operations_total{backend=\"Consul\",op=\"register\"} 1",
+        "tether_registry_operations_total{backend=\"Consul\",op=\"set_health\"}",
+        "tether_anti_entropy_runs_total 1",
+        "tether_config_reloads_total 1",
+        "tether_config_errors 0",
+        "tether_services 1",
+        "tether_build_info{",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle:?} in:\n{metrics}");
+    }
+
+    let (code, body) = http_get(&format!("{base}/v1/status"));
+    assert_eq!(code, 200);
+    let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(st["ready"], true);
+    assert_eq!(st["backend"]["connected"], true);
+    let svc = &st["services"][0];
+    assert_eq!(svc["id"], "alpha");
+    assert_eq!(svc["health"], "critical");
+    assert_eq!(svc["output"], "NOT_SERVING");
+    assert_eq!(svc["registered"], true);
+    assert!(svc["file"].as_str().unwrap().ends_with("a.toml"));
+    assert!(svc["since"].is_string() && svc["last_heartbeat"].is_string());
+
+    let out = Command::new(tether_bin()).args(["status", "--config"]).arg(setup.config()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let row = text.lines().find(|l| l.starts_with("alpha")).unwrap_or_else(|| panic!("no alpha row:\n{text}"));
+    assert!(row.contains("critical") && row.contains("yes") && row.contains("NOT_SERVING"), "{row}");
+    let out = Command::new(tether_bin()).args(["status", "--json", "--config"]).arg(setup.config()).output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["services"][0]["health"], "critical");
+
+    // No secret in logs, status or metrics.
+    let (_, metrics) = http_get(&format!("{base}/metrics"));
+    assert!(!metrics.contains(secret) && !body.contains(secret) && !text.contains(secret));
+    assert!(!tether.log().contains(secret), "the token leaked into the log");
+    assert!(tether.log().contains("readable by group or others"), "warns about a world-readable token file");
+}
+
+#[test]
+fn status_without_agent_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, format!("listen = \"127.0.0.1:{}\"\n[consul]\n", free_port())).unwrap();
+    let out = Command::new(tether_bin()).args(["status", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no tether agent answers"), "{err}");
+}
+
+#[test]
+fn unit_file_verifies_and_is_hardened() {
+    let Ok(v) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("SKIPPED: systemd-analyze is not installed; the unit file was not checked");
+        return;
+    };
+    assert!(v.status.success());
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/tether.service")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // verify checks that ExecStart binaries exist: point them at the built one.
+    let path = dir.path().join("tether.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/tether", tether_bin().to_str().unwrap())).unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+
+    let out = Command::new("systemd-analyze").args(["security", "--offline=true"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("{text}"));
+    let level: f64 = line.split(':').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    eprintln!("systemd-analyze security: exposure {level}");
+    assert!(level <= 2.0, "{line}");
+    assert!(unit.contains("Type=notify") && unit.contains("ExecStartPre=/usr/local/bin/tether validate"));
+}
