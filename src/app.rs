@@ -46,12 +46,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let pipeline = Pipeline { config: &config, reload, sighup, shutdown, telemetry };
     match &config.backend {
         BackendConfig::Consul(c) => {
-            let token = match &c.token_file {
-                Some(file) => Some(agent::read_secret(file)?),
-                None => agent::credential("consul.token")?,
-            };
-            let client = ConsulClient::new(&c.address, token).context("building the Consul HTTP client")?;
-            pipeline.run(Consul::new(client, &config.node)).await
+            let token_file = c.token_file.clone().or_else(|| agent::credential_path("consul.token"));
+            let client = ConsulClient::new(&c.address, None).context("building the Consul HTTP client")?;
+            let mut consul = Consul::new(client, &config.node);
+            if let Some(file) = token_file {
+                consul = consul.with_token_file(file)?;
+            }
+            pipeline.run(consul).await
         }
         BackendConfig::Etcd(e) => pipeline.run(Etcd::new(e.clone(), &config.node)).await,
     }

@@ -6,5 +6,6 @@
 mod cli;
 mod consul;
 mod etcd;
+mod faults;
 mod ops;
 mod support;

@@ -213,8 +213,8 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
                     s.clone()
                 }
             };
-            if e.username.is_some() != e.password_file.is_some() {
-                return Err(err(span, "etcd username and password_file go together".into(), "set both or neither"));
+            if e.password_file.is_some() && e.username.is_none() {
+                return Err(err(span, "etcd password_file is set without username".into(), "set username too"));
             }
             BackendConfig::Etcd(EtcdConfig {
                 endpoints: e.endpoints.into_inner(),
@@ -252,13 +252,9 @@ pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
 
 /// A secret handed over by systemd's `LoadCredential=` (in
 /// `$CREDENTIALS_DIRECTORY`), if there is one by that name.
-pub fn credential(name: &str) -> Result<Option<String>, ConfigError> {
-    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else { return Ok(None) };
-    let path = Path::new(&dir).join(name);
-    if !path.exists() {
-        return Ok(None);
-    }
-    read_secret(&path).map(Some)
+pub fn credential_path(name: &str) -> Option<PathBuf> {
+    let path = Path::new(&std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
+    path.exists().then_some(path)
 }
 
 /// This host's primary non-loopback IP (IPv4 preferred), or 127.0.0.1.

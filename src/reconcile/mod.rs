@@ -32,6 +32,10 @@ pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(30);
 /// Retry delays after registry errors: doubling from the first to the cap, jittered.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(10);
+/// Anti-entropy writes this many fixes at once, then at most one per spacing
+/// (≤ 500/s), so a registry that lost everything is not flooded.
+const AE_BURST: u64 = 100;
+const AE_WRITE_SPACING: Duration = Duration::from_millis(2);
 /// The loop turns at least this often (loop-alive mark, watchdog).
 const TICK: Duration = Duration::from_secs(1);
 /// Output shown for a new service before its first health result.
@@ -394,6 +398,10 @@ impl<R: Registry> Reconciler<R> {
             }
             if self.entries.get(&id).map(|e| e.remote.clone()) != before {
                 fixes += 1;
+                // A registry that lost everything gets it back at a capped rate.
+                if fixes > AE_BURST {
+                    tokio::time::sleep(AE_WRITE_SPACING).await;
+                }
             }
         }
         let m = &self.telemetry.metrics;

@@ -13,7 +13,8 @@
 //! by the next anti-entropy pass: the lease id is part of each fingerprint.
 
 use super::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry, Result};
-use crate::config::{agent::read_secret, EtcdConfig, ServiceSpec};
+use crate::config::agent::{credential_path, read_secret};
+use crate::config::{EtcdConfig, ServiceSpec};
 use crate::health::{Health, Status};
 use backon::{ExponentialBuilder, Retryable};
 use etcd_client::{Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
@@ -119,8 +120,14 @@ impl Etcd {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_tcp_keepalive(Duration::from_secs(10))
             .with_require_leader(true);
-        if let (Some(user), Some(file)) = (&self.config.username, &self.config.password_file) {
-            let password = read_secret(file).map_err(|e| RegistryError::new(ErrorKind::Rejected, e.to_string()))?;
+        if let Some(user) = &self.config.username {
+            let file = self.config.password_file.clone().or_else(|| credential_path("etcd.password")).ok_or_else(|| {
+                RegistryError::new(
+                    ErrorKind::Rejected,
+                    "etcd username is set but there is no password_file and no etcd.password credential",
+                )
+            })?;
+            let password = read_secret(&file).map_err(|e| RegistryError::new(ErrorKind::Rejected, e.to_string()))?;
             opts = opts.with_user(user.clone(), password).with_auto_token_refresh(true);
         }
         let client = Client::connect(&self.config.endpoints, Some(opts)).await.map_err(err)?;

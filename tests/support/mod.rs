@@ -37,7 +37,12 @@ pub fn health_server_bin() -> PathBuf {
 }
 
 /// Poll `f` every 20 ms until it returns Some, or panic after `limit`.
-pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_every(limit, Duration::from_millis(20), what, f)
+}
+
+/// Poll `f` every `period` until it returns Some, or panic after `limit`.
+pub fn wait_every<T>(limit: Duration, period: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -46,12 +51,20 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
         if start.elapsed() > limit {
             panic!("timed out after {limit:?} waiting for {what}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(period);
     }
 }
 
 fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap()
+}
+
+/// The master token of test Consul agents started with ACLs (ignored otherwise).
+pub const ACL_MASTER: &str = "11111111-2222-3333-4444-555555555555";
+
+/// `-hcl` that turns on ACLs with default deny and [`ACL_MASTER`].
+pub fn acl_hcl() -> String {
+    format!("acl {{ enabled = true, default_policy = \"deny\", tokens {{ master = \"{ACL_MASTER}\", agent = \"{ACL_MASTER}\" }} }}")
 }
 
 /// A Consul dev agent on free loopback ports.
@@ -60,21 +73,37 @@ pub struct Consul {
     pub http_port: u16,
     ports: [u16; 3],
     log: PathBuf,
+    hcl: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Consul {
     pub fn start() -> Consul {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = Consul {
-            child: None,
-            http_port: free_port(),
-            ports: [free_port(), free_port(), free_port()],
-            log: dir.path().join("consul.log"),
-            _dir: dir,
-        };
+        Self::start_with(free_port(), &[])
+    }
+
+    /// Start on a given HTTP port with extra `-hcl` snippets.
+    pub fn start_with(http_port: u16, hcl: &[&str]) -> Consul {
+        let mut c = Self::unstarted(http_port, hcl);
         c.spawn();
         c
+    }
+
+    /// Reserve ports without starting (see `start_now`).
+    pub fn unstarted(http_port: u16, hcl: &[&str]) -> Consul {
+        let dir = tempfile::tempdir().unwrap();
+        Consul {
+            child: None,
+            http_port,
+            ports: [free_port(), free_port(), free_port()],
+            log: dir.path().join("consul.log"),
+            hcl: hcl.iter().map(|s| s.to_string()).collect(),
+            _dir: dir,
+        }
+    }
+
+    pub fn start_now(&mut self) {
+        self.spawn();
     }
 
     fn spawn(&mut self) {
@@ -86,6 +115,7 @@ impl Consul {
             .arg(format!("-serf-lan-port={}", self.ports[0]))
             .arg(format!("-serf-wan-port={}", self.ports[1]))
             .arg(format!("-server-port={}", self.ports[2]))
+            .args(self.hcl.iter().flat_map(|h| ["-hcl".to_string(), h.clone()]))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -93,7 +123,7 @@ impl Consul {
         self.child = Some(child);
         let url = format!("{}/v1/status/leader", self.url());
         wait_for(Duration::from_secs(60), "Consul to elect itself leader", || {
-            let r = http().get(&url).send().ok()?;
+            let r = http().get(&url).header("X-Consul-Token", ACL_MASTER).send().ok()?;
             let body = r.text().ok()?;
             (body.len() > 2).then_some(())
         });
@@ -118,17 +148,37 @@ impl Consul {
     }
 
     pub fn get(&self, path: &str) -> Value {
-        http().get(format!("{}{}", self.url(), path)).send().unwrap().error_for_status().unwrap().json().unwrap()
+        http()
+            .get(format!("{}{}", self.url(), path))
+            .header("X-Consul-Token", ACL_MASTER)
+            .send()
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .unwrap()
     }
 
     pub fn get_with_index(&self, path: &str) -> (Value, u64) {
-        let r = http().get(format!("{}{}", self.url(), path)).send().unwrap().error_for_status().unwrap();
+        let r =
+            http().get(format!("{}{}", self.url(), path)).header("X-Consul-Token", ACL_MASTER).send().unwrap().error_for_status().unwrap();
         let index = r.headers().get("X-Consul-Index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
         (r.json().unwrap(), index)
     }
 
-    pub fn put(&self, path: &str, body: &Value) {
-        http().put(format!("{}{}", self.url(), path)).json(body).send().unwrap().error_for_status().unwrap();
+    pub fn put(&self, path: &str, body: &Value) -> Value {
+        let r = http().put(format!("{}{}", self.url(), path)).header("X-Consul-Token", ACL_MASTER).json(body).send().unwrap();
+        r.error_for_status().unwrap().json().unwrap_or(Value::Null)
+    }
+
+    /// PUT, `None` on an error status (e.g. while Consul's ACL system starts).
+    pub fn try_put(&self, path: &str, body: &Value) -> Option<Value> {
+        let r = http().put(format!("{}{}", self.url(), path)).header("X-Consul-Token", ACL_MASTER).json(body).send().ok()?;
+        r.error_for_status().ok()?.json().ok()
+    }
+
+    pub fn delete(&self, path: &str) {
+        http().delete(format!("{}{}", self.url(), path)).header("X-Consul-Token", ACL_MASTER).send().unwrap().error_for_status().unwrap();
     }
 
     pub fn services(&self) -> HashMap<String, Value> {

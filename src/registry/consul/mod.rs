@@ -14,12 +14,14 @@
 pub mod client;
 
 use super::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry, Result};
+use crate::config::agent::read_secret;
 use crate::config::duration::go;
 use crate::config::ServiceSpec;
 use crate::health::{Health, Status};
 use client::{AgentCheck, AgentService, CheckDefinition, ConsulClient, ConsulError, ServiceRegistration};
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 /// TTL of each service's health check. tether re-sends it after a third of this.
 pub const HEALTH_TTL: Duration = Duration::from_secs(30 * 60);
@@ -44,15 +46,37 @@ pub struct Consul {
     client: ConsulClient,
     node: String,
     agent: Option<AgentInfo>,
+    /// Where the ACL token comes from; re-read when the file changes.
+    token_file: Option<PathBuf>,
+    token_stamp: Option<(SystemTime, u64)>,
 }
 
 impl Consul {
     pub fn new(client: ConsulClient, node: &str) -> Self {
-        Consul { client, node: node.to_string(), agent: None }
+        Consul { client, node: node.to_string(), agent: None, token_file: None, token_stamp: None }
     }
 
-    pub fn client_mut(&mut self) -> &mut ConsulClient {
-        &mut self.client
+    /// Read the ACL token from `path` now and again whenever the file changes
+    /// (checked at every heartbeat), so a rotated token needs no restart.
+    pub fn with_token_file(mut self, path: PathBuf) -> Result<Self> {
+        self.token_file = Some(path);
+        self.refresh_token()?;
+        Ok(self)
+    }
+
+    fn refresh_token(&mut self) -> Result<()> {
+        let Some(path) = &self.token_file else { return Ok(()) };
+        let stamp = std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+        if stamp.is_none() || stamp == self.token_stamp {
+            return Ok(());
+        }
+        let token = read_secret(path).map_err(|e| RegistryError::new(ErrorKind::Rejected, e.to_string()))?;
+        if self.token_stamp.is_some() {
+            tracing::info!(file = %path.display(), "Consul ACL token file changed; using the new token");
+        }
+        self.client.set_token(Some(token));
+        self.token_stamp = stamp;
+        Ok(())
     }
 
     fn owned(&self, meta: &Option<BTreeMap<String, String>>) -> bool {
@@ -169,6 +193,7 @@ impl Registry for Consul {
     }
 
     async fn ensure_agent(&mut self, agent: &AgentInfo) -> Result<()> {
+        self.refresh_token()?;
         let id = agent_service_id(&self.node);
         let check_id = liveness_check_id(&self.node);
         let meta = self.agent_meta(agent);
@@ -203,6 +228,7 @@ impl Registry for Consul {
     }
 
     async fn heartbeat(&mut self) -> Result<()> {
+        self.refresh_token()?;
         self.client.update_check(&liveness_check_id(&self.node), "passing", "tether is alive").await.map_err(err)
     }
 
