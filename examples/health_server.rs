@@ -8,11 +8,12 @@
 //! `serving`, `not_serving`, `unknown` (clears the statuses), or `stop` (graceful:
 //! NOT_SERVING, then shut down). Used by `scripts/demo.sh`, the benchmarks and
 //! the tests. With `--no-health` it serves no health service at all (every
-//! health RPC answers UNIMPLEMENTED).
+//! health RPC answers UNIMPLEMENTED). `--tls-cert F --tls-key F` serve TLS;
+//! `--tls-client-ca F` also requires client certificates (mTLS).
 
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::health_reporter;
 use tonic_health::ServingStatus;
@@ -22,6 +23,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let no_health = args.iter().any(|a| a == "--no-health");
     args.retain(|a| a != "--no-health");
+    // --tls-cert F --tls-key F [--tls-client-ca F]: serve TLS (mTLS with a client CA).
+    let mut take = |flag: &str| -> Option<String> {
+        let i = args.iter().position(|a| a == flag)?;
+        let v = args.get(i + 1).cloned();
+        args.drain(i..(i + 2).min(args.len()));
+        v
+    };
+    let tls_cert = take("--tls-cert");
+    let tls_key = take("--tls-key");
+    let client_ca = take("--tls-client-ca");
     let addr = args.first().cloned().unwrap_or_else(|| "127.0.0.1:50051".into());
     let mut services: Vec<String> = args.into_iter().skip(1).collect();
     services.push(String::new());
@@ -35,7 +46,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let health: Option<HealthServer<_>> = (!no_health).then_some(health_service);
-    let server = tokio::spawn(Server::builder().add_optional_service(health).serve_with_incoming_shutdown(incoming, async {
+    let mut builder = Server::builder();
+    if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+        if let Some(ca) = client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(std::fs::read(ca)?));
+        }
+        builder = builder.tls_config(tls)?;
+    }
+    let server = tokio::spawn(builder.add_optional_service(health).serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));
 

@@ -10,7 +10,6 @@ use crate::config::scan::Loader;
 use crate::config::watch::{DirWatcher, DEBOUNCE};
 use crate::config::{agent, AgentConfig, BackendConfig, ServiceSpec};
 use crate::reconcile::Reconciler;
-use crate::registry::consul::client::ConsulClient;
 use crate::registry::consul::Consul;
 use crate::registry::etcd::Etcd;
 use crate::registry::Registry;
@@ -47,8 +46,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     match &config.backend {
         BackendConfig::Consul(c) => {
             let token_file = c.token_file.clone().or_else(|| agent::credential_path("consul.token"));
-            let client = ConsulClient::new(&c.address, None).context("building the Consul HTTP client")?;
-            let mut consul = Consul::new(client, &config.node);
+            let mut consul = Consul::new(&c.address, c.tls.clone(), &config.node)
+                .map_err(|e| anyhow::anyhow!("{}: [consul] {e}", config.path.display()))?;
             if let Some(file) = token_file {
                 consul = consul.with_token_file(file)?;
             }

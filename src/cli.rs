@@ -1,5 +1,6 @@
 //! The command line: `run`, `validate`, `check`.
 
+use crate::config::tls::TlsConfig;
 use crate::config::{agent, scan, Defaults};
 use crate::health::probe::{code_name, describe, observe_status};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -49,6 +50,20 @@ enum Command {
         service: String,
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Use TLS (verifying the server; never falls back to plaintext).
+        #[arg(long)]
+        tls: bool,
+        /// CA bundle to verify the server with (implies --tls).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Client certificate and key for mTLS (imply --tls).
+        #[arg(long, requires = "key_file")]
+        cert_file: Option<PathBuf>,
+        #[arg(long, requires = "cert_file")]
+        key_file: Option<PathBuf>,
+        /// Name to verify the server's certificate against.
+        #[arg(long)]
+        server_name: Option<String>,
     },
 }
 
@@ -94,7 +109,11 @@ pub fn main() -> ExitCode {
         }
         Command::Validate { config, paths } => validate(&config, &paths),
         Command::Status { config, json } => runtime.block_on(status(&config, json)),
-        Command::Check { addr, service, timeout } => runtime.block_on(check(&addr, &service, timeout)),
+        Command::Check { addr, service, timeout, tls, ca_file, cert_file, key_file, server_name } => {
+            let cfg = TlsConfig { ca_file, cert_file, key_file, server_name };
+            let tls = (tls || cfg.is_set()).then_some(cfg);
+            runtime.block_on(check(&addr, &service, timeout, tls.as_ref()))
+        }
     }
 }
 
@@ -164,12 +183,12 @@ fn validate(config: &std::path::Path, paths: &[PathBuf]) -> ExitCode {
     }
 }
 
-async fn check(addr: &str, service_name: &str, timeout: Duration) -> ExitCode {
+async fn check(addr: &str, service_name: &str, timeout: Duration, tls: Option<&TlsConfig>) -> ExitCode {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
-        Ok(e) => e.connect_timeout(timeout),
+    let endpoint = match crate::health::probe::endpoint(addr, timeout, tls) {
+        Ok(e) => e,
         Err(e) => {
-            eprintln!("error: bad address {addr:?}: {e}; write it as host:port");
+            eprintln!("error: {e}; write the address as host:port");
             return ExitCode::from(1);
         }
     };

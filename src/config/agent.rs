@@ -2,6 +2,7 @@
 
 use super::error::{from_toml, ConfigError};
 use super::service::{read_file, Defaults};
+use super::tls::{RawTls, TlsConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ pub struct ConsulConfig {
     pub address: String,
     /// File holding the ACL token (sent as X-Consul-Token).
     pub token_file: Option<PathBuf>,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +41,7 @@ pub struct EtcdConfig {
     pub prefix: String,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +96,10 @@ struct RawAgent {
 struct RawConsul {
     address: Option<Spanned<String>>,
     token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    tls_server_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -102,6 +109,10 @@ struct RawEtcd {
     prefix: Option<Spanned<String>>,
     username: Option<String>,
     password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    tls_server_name: Option<String>,
 }
 
 /// Read and validate the agent configuration file.
@@ -175,7 +186,12 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
                     }
                 }
             };
-            BackendConfig::Consul(ConsulConfig { address, token_file: c.token_file.map(|p| base.join(p)) })
+            let raw_tls = RawTls { ca_file: c.ca_file, cert_file: c.cert_file, key_file: c.key_file, tls_server_name: c.tls_server_name };
+            let tls = TlsConfig::from_raw(path, raw_tls, base, "consul")?;
+            if tls.is_set() && !address.starts_with("https://") {
+                return Err(ConfigError::new(path, "[consul] has TLS files but its address is not https://", "use an https:// address"));
+            }
+            BackendConfig::Consul(ConsulConfig { address, token_file: c.token_file.map(|p| base.join(p)), tls })
         }
         (None, Some(e)) => {
             let span = e.span();
@@ -216,7 +232,10 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             if e.password_file.is_some() && e.username.is_none() {
                 return Err(err(span, "etcd password_file is set without username".into(), "set username too"));
             }
+            let raw_tls = RawTls { ca_file: e.ca_file, cert_file: e.cert_file, key_file: e.key_file, tls_server_name: e.tls_server_name };
+            let tls = TlsConfig::from_raw(path, raw_tls, base, "etcd")?;
             BackendConfig::Etcd(EtcdConfig {
+                tls,
                 endpoints: e.endpoints.into_inner(),
                 prefix,
                 username: e.username,

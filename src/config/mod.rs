@@ -11,6 +11,7 @@ pub mod duration;
 pub mod error;
 pub mod scan;
 pub mod service;
+pub mod tls;
 pub mod watch;
 
 pub use agent::{AgentConfig, BackendConfig, BackendKind, ConsulConfig, EtcdConfig};

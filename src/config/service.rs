@@ -3,6 +3,7 @@
 use super::agent::BackendKind;
 use super::duration::GoDuration;
 use super::error::{from_toml, ConfigError};
+use super::tls::{RawTls, TlsConfig};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,8 @@ pub struct CheckSpec {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// TLS to the gRPC server (`tls = true`); never a silent plaintext fallback.
+    pub tls: Option<TlsConfig>,
 }
 
 /// A validated service definition: what the registry should say about one service.
@@ -101,6 +104,11 @@ struct RawCheck {
     timeout: Option<GoDuration>,
     rise: Option<Spanned<i64>>,
     fall: Option<Spanned<i64>>,
+    tls: Option<bool>,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 /// Meta keys tether writes itself; a service file may not set them.
@@ -291,6 +299,17 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
     };
     let rise = threshold(&c.rise, "rise")?;
     let fall = threshold(&c.fall, "fall")?;
+    let wants_tls = c.ca_file.is_some() || c.cert_file.is_some() || c.key_file.is_some() || c.server_name.is_some();
+    let tls = match c.tls {
+        Some(true) => {
+            let raw = RawTls { ca_file: c.ca_file, cert_file: c.cert_file, key_file: c.key_file, tls_server_name: c.server_name };
+            Some(TlsConfig::from_raw(path, raw, path.parent().unwrap_or(Path::new(".")), "check")?)
+        }
+        _ if wants_tls => {
+            return Err(ConfigError::new(path, "[check] has TLS files but tls is not true", "add `tls = true` to [check]"));
+        }
+        _ => None,
+    };
 
     Ok(ServiceSpec {
         file: path.to_path_buf(),
@@ -302,7 +321,7 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         meta,
         ttl,
         deregister_critical_after,
-        check: CheckSpec { target, service: c.service.unwrap_or_default(), mode, interval, timeout, rise, fall },
+        check: CheckSpec { target, service: c.service.unwrap_or_default(), mode, interval, timeout, rise, fall, tls },
     })
 }
 

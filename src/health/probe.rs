@@ -21,7 +21,8 @@ use crate::config::{CheckMode, CheckSpec};
 use rand::Rng;
 use std::time::Duration;
 use tokio::time::{sleep, timeout, Instant};
-use tonic::transport::{Channel, Endpoint};
+use crate::config::tls::TlsConfig;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -47,6 +48,8 @@ pub struct Probe {
     backoff: Option<Duration>,
     /// When to drop a stream that keeps saying the service is not serving.
     drop_at: Option<Instant>,
+    /// Modification times of the TLS files the channel was built from.
+    tls_stamp: Option<Vec<Option<std::time::SystemTime>>>,
     /// When the current Watch was opened, until its first message.
     opened: Option<Instant>,
     /// When the next periodic observation is due.
@@ -56,7 +59,8 @@ pub struct Probe {
 
 impl Probe {
     pub fn new(spec: CheckSpec) -> Result<Self, String> {
-        let client = HealthClient::new(channel(&spec.target, spec.timeout)?);
+        let client = HealthClient::new(channel(&spec.target, spec.timeout, spec.tls.as_ref())?);
+        let tls_stamp = spec.tls.as_ref().map(TlsConfig::stamp);
         let watching = spec.mode == CheckMode::Watch;
         Ok(Probe {
             client,
@@ -65,6 +69,7 @@ impl Probe {
             backoff: None,
             drop_at: None,
             opened: None,
+            tls_stamp,
             next_tick: Instant::now(),
             logged_fallback: false,
             spec,
@@ -80,8 +85,27 @@ impl Probe {
         }
     }
 
+    /// Rebuild the channel when rotated TLS files are noticed.
+    fn refresh_tls(&mut self) {
+        let Some(tls) = &self.spec.tls else { return };
+        let stamp = tls.stamp();
+        if self.tls_stamp.as_ref() == Some(&stamp) {
+            return;
+        }
+        match channel(&self.spec.target, self.spec.timeout, Some(tls)) {
+            Ok(ch) => {
+                tracing::info!(target = %self.spec.target, "TLS files changed; reconnecting with them");
+                self.client = HealthClient::new(ch);
+                self.stream = None;
+                self.tls_stamp = Some(stamp);
+            }
+            Err(e) => tracing::warn!(target = %self.spec.target, error = %e, "TLS files changed but cannot be used; keeping the old ones"),
+        }
+    }
+
     async fn next_poll(&mut self) -> Observation {
         tokio::time::sleep_until(self.next_tick).await;
+        self.refresh_tls();
         self.next_tick = Instant::now() + self.spec.interval;
         self.check().await
     }
@@ -92,6 +116,7 @@ impl Probe {
                 if let Some(delay) = self.backoff {
                     sleep(jitter(delay)).await;
                 }
+                self.refresh_tls();
                 let req = HealthCheckRequest { service: self.spec.service.clone() };
                 self.opened = Some(Instant::now());
                 match timeout(self.spec.timeout, self.client.watch(req)).await {
@@ -182,14 +207,37 @@ impl Probe {
     }
 }
 
-/// A lazily connecting channel to `host:port`.
-pub fn channel(target: &str, connect_timeout: Duration) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{target}"))
+/// A lazily connecting channel to `host:port`, over TLS when `tls` is set.
+/// A certificate that does not verify fails the connection: there is no
+/// fallback to plaintext.
+pub fn channel(target: &str, connect_timeout: Duration, tls: Option<&TlsConfig>) -> Result<Channel, String> {
+    Ok(endpoint(target, connect_timeout, tls)?.connect_lazy())
+}
+
+/// The endpoint behind [`channel`].
+pub fn endpoint(target: &str, connect_timeout: Duration, tls: Option<&TlsConfig>) -> Result<Endpoint, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{target}"))
         .map_err(|e| format!("bad target {target:?}: {e}"))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .tcp_keepalive(Some(Duration::from_secs(10)));
-    Ok(endpoint.connect_lazy())
+    if let Some(t) = tls {
+        let pem = t.load()?;
+        let mut cfg = ClientTlsConfig::new();
+        cfg = match pem.ca {
+            Some(ca) => cfg.ca_certificate(Certificate::from_pem(ca)),
+            None => cfg.with_webpki_roots(),
+        };
+        if let Some((cert, key)) = pem.identity {
+            cfg = cfg.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = &t.server_name {
+            cfg = cfg.domain_name(name.clone());
+        }
+        endpoint = endpoint.tls_config(cfg).map_err(|e| format!("TLS settings for {target}: {e}"))?;
+    }
+    Ok(endpoint)
 }
 
 /// SERVING passes; NOT_SERVING, SERVICE_UNKNOWN and UNKNOWN fail.

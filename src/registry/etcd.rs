@@ -17,7 +17,7 @@ use crate::config::agent::{credential_path, read_secret};
 use crate::config::{EtcdConfig, ServiceSpec};
 use crate::health::{Health, Status};
 use backon::{ExponentialBuilder, Retryable};
-use etcd_client::{Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -55,6 +55,8 @@ pub struct Etcd {
     lease: Option<Lease>,
     /// The key each known id was last written under.
     keys: HashMap<String, String>,
+    /// Modification times of the TLS files the client was built from.
+    tls_stamp: Vec<Option<std::time::SystemTime>>,
 }
 
 struct Lease {
@@ -103,7 +105,7 @@ fn ttl_secs(d: Duration) -> i64 {
 
 impl Etcd {
     pub fn new(config: EtcdConfig, node: &str) -> Self {
-        Etcd { config, node: node.to_string(), client: None, lease: None, keys: HashMap::new() }
+        Etcd { config, node: node.to_string(), client: None, lease: None, keys: HashMap::new(), tls_stamp: vec![] }
     }
 
     pub fn key(&self, name: &str, id: &str) -> String {
@@ -130,6 +132,23 @@ impl Etcd {
             let password = read_secret(&file).map_err(|e| RegistryError::new(ErrorKind::Rejected, e.to_string()))?;
             opts = opts.with_user(user.clone(), password).with_auto_token_refresh(true);
         }
+        let tls = &self.config.tls;
+        if tls.is_set() || self.config.endpoints.iter().any(|e| e.starts_with("https://")) {
+            let pem = tls.load().map_err(|e| RegistryError::new(ErrorKind::Rejected, format!("etcd TLS: {e}")))?;
+            let mut t = TlsOptions::new();
+            t = match pem.ca {
+                Some(ca) => t.ca_certificate(Certificate::from_pem(ca)),
+                None => t.with_webpki_roots(),
+            };
+            if let Some((cert, key)) = pem.identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(name) = &tls.server_name {
+                t = t.domain_name(name.clone());
+            }
+            opts = opts.with_tls(t);
+        }
+        self.tls_stamp = tls.stamp();
         let client = Client::connect(&self.config.endpoints, Some(opts)).await.map_err(err)?;
         self.client = Some(client.clone());
         Ok(client)
@@ -228,6 +247,13 @@ impl Registry for Etcd {
     }
 
     async fn ensure_agent(&mut self, agent: &AgentInfo) -> Result<()> {
+        if self.client.is_some() && self.config.tls.is_set() && self.config.tls.stamp() != self.tls_stamp {
+            tracing::info!("etcd TLS files changed; reconnecting with them");
+            self.client = None;
+            if let Some(lease) = self.lease.as_mut() {
+                lease.keeper = None;
+            }
+        }
         let ttl = ttl_secs(agent.ttl);
         if self.lease.as_ref().is_some_and(|l| l.ttl == ttl) {
             return self.heartbeat().await;

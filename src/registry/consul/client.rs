@@ -4,6 +4,7 @@
 //! `replace-existing-checks`, no timeouts, no way to pass a client in, and
 //! brings a second HTTP/TLS stack (see README).
 
+use crate::config::tls::TlsConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -121,14 +122,45 @@ pub struct ConsulClient {
 const MAX_OUTPUT: usize = 4096;
 
 impl ConsulClient {
-    pub fn new(base: &str, token: Option<String>) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+    /// A client for the agent at `base` (http or https). With TLS files, the
+    /// server must verify against `ca_file` and `cert_file`/`key_file` are
+    /// presented for mTLS; `server_name` overrides the name verified.
+    pub fn new(base: &str, token: Option<String>, tls: &TlsConfig) -> Result<Self, String> {
+        let mut base = base.trim_end_matches('/').to_string();
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .build()?;
-        Ok(ConsulClient { http, base: base.trim_end_matches('/').to_string(), token })
+            .tcp_nodelay(true);
+        let pem = tls.load()?;
+        if let Some(ca) = pem.ca {
+            let cert = reqwest::Certificate::from_pem(&ca).map_err(|e| format!("ca_file: {e}"))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        if let Some((cert, key)) = pem.identity {
+            let id = reqwest::Identity::from_pem(&[cert, b"\n".to_vec(), key].concat()).map_err(|e| format!("cert_file/key_file: {e}"))?;
+            builder = builder.identity(id);
+        }
+        if let Some(name) = &tls.server_name {
+            // Connect to the configured host, but verify (and send SNI for) `name`.
+            let url = reqwest::Url::parse(&base).map_err(|e| format!("address: {e}"))?;
+            let host = url.host_str().ok_or("address has no host")?;
+            let port = url.port_or_known_default().unwrap_or(443);
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+                .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{host} resolves to nothing"))?;
+            builder = builder.resolve(name, addr);
+            let mut renamed = url.clone();
+            renamed.set_host(Some(name)).map_err(|e| format!("tls_server_name: {e}"))?;
+            base = renamed.as_str().trim_end_matches('/').to_string();
+        }
+        let http = builder.build().map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(ConsulClient { http, base, token })
+    }
+
+    pub fn token(&self) -> Option<String> {
+        self.token.clone()
     }
 
     pub fn set_token(&mut self, token: Option<String>) {

@@ -15,6 +15,7 @@ pub mod client;
 
 use super::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry, Result};
 use crate::config::agent::read_secret;
+use crate::config::tls::TlsConfig;
 use crate::config::duration::go;
 use crate::config::ServiceSpec;
 use crate::health::{Health, Status};
@@ -49,11 +50,30 @@ pub struct Consul {
     /// Where the ACL token comes from; re-read when the file changes.
     token_file: Option<PathBuf>,
     token_stamp: Option<(SystemTime, u64)>,
+    /// Where the client came from, to rebuild it when TLS files rotate.
+    address: String,
+    tls: TlsConfig,
+    tls_stamp: Vec<Option<SystemTime>>,
 }
 
 impl Consul {
-    pub fn new(client: ConsulClient, node: &str) -> Self {
-        Consul { client, node: node.to_string(), agent: None, token_file: None, token_stamp: None }
+    pub fn new(address: &str, tls: TlsConfig, node: &str) -> std::result::Result<Self, String> {
+        let client = ConsulClient::new(address, None, &tls)?;
+        let tls_stamp = tls.stamp();
+        Ok(Consul { client, node: node.to_string(), agent: None, token_file: None, token_stamp: None, address: address.to_string(), tls, tls_stamp })
+    }
+
+    /// Rebuild the HTTP client when the TLS files changed (rotation).
+    fn refresh_tls(&mut self) -> Result<()> {
+        let stamp = self.tls.stamp();
+        if stamp == self.tls_stamp {
+            return Ok(());
+        }
+        let client = ConsulClient::new(&self.address, self.client.token(), &self.tls).map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
+        tracing::info!("Consul TLS files changed; reconnecting with them");
+        self.client = client;
+        self.tls_stamp = stamp;
+        Ok(())
     }
 
     /// Read the ACL token from `path` now and again whenever the file changes
@@ -65,6 +85,7 @@ impl Consul {
     }
 
     fn refresh_token(&mut self) -> Result<()> {
+        self.refresh_tls()?;
         let Some(path) = &self.token_file else { return Ok(()) };
         let stamp = std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
         if stamp.is_none() || stamp == self.token_stamp {

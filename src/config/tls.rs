@@ -1,0 +1,72 @@
+//! TLS settings shared by the Consul, etcd and gRPC health clients.
+
+use super::error::ConfigError;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// PEM files for a TLS client. An empty value means plaintext (unless the
+/// URL says https, then the system's roots are used).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TlsConfig {
+    /// CA bundle that verifies the server (default: built-in web roots).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, for mTLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name to verify the server's certificate against, if not the host.
+    pub server_name: Option<String>,
+}
+
+/// The TLS keys as they appear in TOML sections.
+#[derive(Debug, Default, Clone)]
+pub struct RawTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
+}
+
+/// Loaded PEM bytes.
+pub struct TlsPem {
+    pub ca: Option<Vec<u8>>,
+    /// (certificate chain, private key)
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsConfig {
+    /// Validate raw keys; relative paths are relative to `base`.
+    pub fn from_raw(file: &Path, raw: RawTls, base: &Path, section: &str) -> Result<Self, ConfigError> {
+        if raw.cert_file.is_some() != raw.key_file.is_some() {
+            return Err(ConfigError::new(file, format!("[{section}] cert_file and key_file go together"), "set both (for mTLS) or neither"));
+        }
+        Ok(TlsConfig {
+            ca_file: raw.ca_file.map(|p| base.join(p)),
+            cert_file: raw.cert_file.map(|p| base.join(p)),
+            key_file: raw.key_file.map(|p| base.join(p)),
+            server_name: raw.tls_server_name,
+        })
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.server_name.is_some()
+    }
+
+    /// Read the PEM files.
+    pub fn load(&self) -> Result<TlsPem, String> {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()));
+        let ca = self.ca_file.as_ref().map(read).transpose()?;
+        let identity = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        Ok(TlsPem { ca, identity })
+    }
+
+    /// Modification times of the files, to notice rotation.
+    pub fn stamp(&self) -> Vec<Option<SystemTime>> {
+        [&self.ca_file, &self.cert_file, &self.key_file]
+            .iter()
+            .map(|p| p.as_ref().and_then(|p| std::fs::metadata(p).ok()).and_then(|m| m.modified().ok()))
+            .collect()
+    }
+}
