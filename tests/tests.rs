@@ -8,4 +8,10 @@ mod consul;
 mod etcd;
 mod faults;
 mod ops;
+mod security;
 mod support;
+
+/// The output tether shows before a service's first health result.
+fn consul_waiting() -> &'static str {
+    "waiting for the first gRPC health result"
+}

@@ -37,7 +37,11 @@ impl TlsConfig {
     /// Validate raw keys; relative paths are relative to `base`.
     pub fn from_raw(file: &Path, raw: RawTls, base: &Path, section: &str) -> Result<Self, ConfigError> {
         if raw.cert_file.is_some() != raw.key_file.is_some() {
-            return Err(ConfigError::new(file, format!("[{section}] cert_file and key_file go together"), "set both (for mTLS) or neither"));
+            return Err(ConfigError::new(
+                file,
+                format!("[{section}] cert_file and key_file go together"),
+                "set both (for mTLS) or neither",
+            ));
         }
         Ok(TlsConfig {
             ca_file: raw.ca_file.map(|p| base.join(p)),

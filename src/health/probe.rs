@@ -17,11 +17,11 @@
 //! Poll mode calls `Check` every `interval` with `timeout` as the deadline.
 
 use super::Observation;
+use crate::config::tls::TlsConfig;
 use crate::config::{CheckMode, CheckSpec};
 use rand::Rng;
 use std::time::Duration;
 use tokio::time::{sleep, timeout, Instant};
-use crate::config::tls::TlsConfig;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;

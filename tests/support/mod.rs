@@ -438,16 +438,28 @@ pub struct EtcdMember {
     cluster: String,
     token: String,
     log: PathBuf,
+    tls: Option<(String, String, String)>,
 }
 
 /// An etcd cluster of one or more members.
 pub struct Etcd {
     pub members: Vec<EtcdMember>,
+    /// (ca, cert, key) when clients must use mTLS.
+    tls: Option<(String, String, String)>,
     _dir: tempfile::TempDir,
 }
 
 impl Etcd {
     pub fn start(n: usize) -> Etcd {
+        Self::start_with(n, None)
+    }
+
+    /// A single member whose client port requires mTLS with the PKI's certificates.
+    pub fn start_mtls(pki: &Pki) -> Etcd {
+        Self::start_with(1, Some((pki.path("ca.pem"), pki.path("server.pem"), pki.path("server-key.pem"))))
+    }
+
+    fn start_with(n: usize, tls: Option<(String, String, String)>) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let cluster = ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
@@ -464,28 +476,40 @@ impl Etcd {
                 cluster: cluster.clone(),
                 token: token.clone(),
                 log: dir.path().join(format!("m{i}.log")),
+                tls: tls.clone(),
             })
             .collect();
         for m in members.iter_mut() {
             m.spawn();
         }
-        let etcd = Etcd { members, _dir: dir };
+        let etcd = Etcd { members, tls, _dir: dir };
         wait_for(Duration::from_secs(60), "etcd to become healthy", || etcd.ctl_ok(&["endpoint", "health"]).then_some(()));
         etcd
     }
 
+    fn scheme(&self) -> &str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect()
+        self.members.iter().map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port)).collect()
     }
 
     /// Endpoints of running members only, for etcdctl.
     fn live_endpoints(&self) -> String {
-        self.members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
-            .collect::<Vec<_>>()
-            .join(",")
+        let live = self.members.iter().filter(|m| m.child.is_some());
+        live.map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port)).collect::<Vec<_>>().join(",")
+    }
+
+    fn tls_args(&self) -> Vec<String> {
+        match &self.tls {
+            Some((ca, cert, key)) => vec![format!("--cacert={ca}"), format!("--cert={cert}"), format!("--key={key}")],
+            None => vec![],
+        }
     }
 
     pub fn ctl(&self, args: &[&str]) -> String {
@@ -493,6 +517,7 @@ impl Etcd {
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.live_endpoints()))
             .args(["--command-timeout=5s", "--dial-timeout=2s"])
+            .args(self.tls_args())
             .args(args)
             .output()
             .unwrap();
@@ -505,6 +530,7 @@ impl Etcd {
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.live_endpoints()))
             .args(["--command-timeout=2s", "--dial-timeout=1s"])
+            .args(self.tls_args())
             .args(args)
             .output()
             .is_ok_and(|o| o.status.success())
@@ -593,11 +619,22 @@ impl EtcdMember {
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let state = if self.data.exists() { "existing" } else { "new" };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let tls: Vec<String> = match &self.tls {
+            Some((ca, cert, key)) => vec![
+                format!("--trusted-ca-file={ca}"),
+                format!("--cert-file={cert}"),
+                format!("--key-file={key}"),
+                "--client-cert-auth".into(),
+            ],
+            None => vec![],
+        };
         let child = Command::new(tool("etcd"))
             .arg(format!("--name={}", self.name))
             .arg(format!("--data-dir={}", self.data.display()))
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", self.client_port))
-            .arg(format!("--advertise-client-urls=http://127.0.0.1:{}", self.client_port))
+            .arg(format!("--listen-client-urls={scheme}://127.0.0.1:{}", self.client_port))
+            .arg(format!("--advertise-client-urls={scheme}://127.0.0.1:{}", self.client_port))
+            .args(tls)
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", self.peer_port))
             .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{}", self.peer_port))
             .arg(format!("--initial-cluster={}", self.cluster))
@@ -633,5 +670,66 @@ impl Setup {
         let text = format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[etcd]\nendpoints = [{eps}]\nprefix = \"services\"\n");
         std::fs::write(dir.path().join("tether.toml"), text).unwrap();
         Setup { dir }
+    }
+}
+
+/// A throw-away PKI made with rcgen: a CA, a server certificate for
+/// localhost/127.0.0.1, a client certificate, and an unrelated CA.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        let make_ca = |cn: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            let cert = p.self_signed(&key).unwrap();
+            (cert, Issuer::new(p, key))
+        };
+        let (ca, issuer) = make_ca("tether test CA");
+        let (other, _) = make_ca("some other CA");
+        write("ca.pem", ca.pem());
+        write("other-ca.pem", other.pem());
+        for (name, sans) in
+            [("server", vec!["localhost".to_string(), "127.0.0.1".to_string()]), ("client", vec!["tether-client".to_string()])]
+        {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}-key.pem"), key.serialize_pem());
+        }
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+impl HealthServer {
+    /// A TLS server (server.pem); with `mtls`, client certificates from the CA are required.
+    pub fn start_tls(pki: &Pki, mtls: bool) -> HealthServer {
+        let mut cmd = Command::new(health_server_bin());
+        cmd.arg("127.0.0.1:0").args(["--tls-cert", &pki.path("server.pem"), "--tls-key", &pki.path("server-key.pem")]);
+        if mtls {
+            cmd.args(["--tls-client-ca", &pki.path("ca.pem")]);
+        }
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start health server");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("health server said {line:?}"));
+        HealthServer { child, stdin, stdout, port }
     }
 }

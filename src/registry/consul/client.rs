@@ -11,12 +11,8 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
-    #[error("cannot reach Consul at {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    #[error("cannot reach Consul at {url}: {detail}")]
+    Transport { url: String, detail: String },
     #[error("Consul answered {status} to {what}: {body}")]
     Status { what: String, status: u16, body: String },
     #[error("cannot decode Consul's answer to {what}: {source}")]
@@ -176,7 +172,7 @@ impl ConsulClient {
     }
 
     async fn send(&self, what: &str, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ConsulError> {
-        let resp = rb.send().await.map_err(|source| ConsulError::Transport { url: self.base.clone(), source })?;
+        let resp = rb.send().await.map_err(|e| ConsulError::Transport { url: self.base.clone(), detail: chain(&e) })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -233,4 +229,19 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// An error with all its causes: "error sending request: … : invalid peer certificate: UnknownIssuer".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
 }

@@ -15,8 +15,8 @@ pub mod client;
 
 use super::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry, Result};
 use crate::config::agent::read_secret;
-use crate::config::tls::TlsConfig;
 use crate::config::duration::go;
+use crate::config::tls::TlsConfig;
 use crate::config::ServiceSpec;
 use crate::health::{Health, Status};
 use client::{AgentCheck, AgentService, CheckDefinition, ConsulClient, ConsulError, ServiceRegistration};
@@ -60,7 +60,16 @@ impl Consul {
     pub fn new(address: &str, tls: TlsConfig, node: &str) -> std::result::Result<Self, String> {
         let client = ConsulClient::new(address, None, &tls)?;
         let tls_stamp = tls.stamp();
-        Ok(Consul { client, node: node.to_string(), agent: None, token_file: None, token_stamp: None, address: address.to_string(), tls, tls_stamp })
+        Ok(Consul {
+            client,
+            node: node.to_string(),
+            agent: None,
+            token_file: None,
+            token_stamp: None,
+            address: address.to_string(),
+            tls,
+            tls_stamp,
+        })
     }
 
     /// Rebuild the HTTP client when the TLS files changed (rotation).
@@ -69,7 +78,8 @@ impl Consul {
         if stamp == self.tls_stamp {
             return Ok(());
         }
-        let client = ConsulClient::new(&self.address, self.client.token(), &self.tls).map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
+        let client =
+            ConsulClient::new(&self.address, self.client.token(), &self.tls).map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
         tracing::info!("Consul TLS files changed; reconnecting with them");
         self.client = client;
         self.tls_stamp = stamp;
