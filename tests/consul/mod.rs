@@ -46,6 +46,11 @@ fn registers_fields_and_follows_health_in_watch_mode() {
         eprintln!("watch: SERVING -> passing in {took:?}");
     }
     assert!(!tether.log().contains("ERROR"), "{}", tether.log());
+
+    // SIGTERM deregisters what it owns (deregister_on_shutdown defaults to true).
+    let mut tether = tether;
+    tether.stop();
+    assert!(consul.services().is_empty(), "{:?}", consul.services().keys());
 }
 
 #[test]
@@ -286,4 +291,39 @@ fn unimplemented_health_is_never_healthy() {
     wait_for(T, "an UNIMPLEMENTED output", || consul.check("tether:alpha").filter(|c| c.1.contains("UNIMPLEMENTED")).map(|_| ()));
     assert_eq!(consul.check("tether:alpha").unwrap().0, "critical");
     assert_eq!(tether.log().matches("polling Check instead").count(), 1, "logged once");
+}
+
+#[test]
+fn critical_services_are_deregistered_after_deregister_critical_after() {
+    // Consul's minimum is 1m and its reaper runs every 30s: this test takes
+    // up to ~2 minutes, in parallel with the rest.
+    let consul = Consul::start();
+    let mut server = HealthServer::start(0, &[]);
+    let setup = Setup::consul(&consul, "");
+    setup.write_service("a.toml", &service("alpha", server.port, "id = \"alpha\"\nderegister_critical_after = \"1m\""));
+    setup.write_service("b.toml", &service("beta", server.port, "id = \"beta\"\nderegister_critical_after = \"1m\"\n[check]\nservice = \"beta\""));
+    let mut tether = setup.start();
+    consul.wait_health("alpha", "passing", T);
+
+    // beta's gRPC service is unknown to the server: critical from the start,
+    // removed by tether after 1m; alpha stays.
+    let start = Instant::now();
+    consul.wait_health("beta", "critical", T);
+    consul.wait_gone("beta", Duration::from_secs(150));
+    eprintln!("critical beta deregistered after {:?} (deregister_critical_after 1m)", start.elapsed());
+    assert!(consul.services().contains_key("alpha"));
+
+    // It comes back when it passes again: here, when its file points at the
+    // whole server instead.
+    setup.write_service("b.toml", &service("beta", server.port, "id = \"beta\"\nderegister_critical_after = \"1m\""));
+    consul.wait_health("beta", "passing", T);
+
+    // tether dies: Consul itself marks everything critical, then removes it.
+    let start = Instant::now();
+    tether.signal(Signal::SIGKILL);
+    tether.kill();
+    server.set("serving");
+    consul.wait_gone("alpha", Duration::from_secs(180));
+    eprintln!("tether SIGKILL -> alpha removed by Consul after {:?} (ttl 3s + deregister_critical_after 1m + reaper)", start.elapsed());
+    consul.wait_gone("beta", Duration::from_secs(60));
 }
