@@ -29,6 +29,11 @@ enum Command {
     Validate {
         #[arg(long, default_value = agent::DEFAULT_PATH)]
         config: PathBuf,
+        /// Check only the agent config, not the service files (what the
+        /// systemd unit runs before start: one bad service file must not keep
+        /// the agent, and every other service, from starting).
+        #[arg(long, conflicts_with = "paths")]
+        agent_only: bool,
         /// Service files or directories to check instead of the configured services_dir.
         paths: Vec<PathBuf>,
     },
@@ -107,7 +112,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Validate { config, paths } => validate(&config, &paths),
+        Command::Validate { config, paths, agent_only } => validate(&config, &paths, agent_only),
         Command::Status { config, json } => runtime.block_on(status(&config, json)),
         Command::Check { addr, service, timeout, tls, ca_file, cert_file, key_file, server_name } => {
             let cfg = TlsConfig { ca_file, cert_file, key_file, server_name };
@@ -131,7 +136,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn validate(config: &std::path::Path, paths: &[PathBuf]) -> ExitCode {
+fn validate(config: &std::path::Path, paths: &[PathBuf], agent_only: bool) -> ExitCode {
     let mut errors = Vec::new();
     let agent = match agent::load(config) {
         Ok(a) => Some(a),
@@ -144,6 +149,18 @@ fn validate(config: &std::path::Path, paths: &[PathBuf]) -> ExitCode {
             None
         }
     };
+    if agent_only {
+        return match (agent, errors.first()) {
+            (Some(a), None) => {
+                println!("ok: agent config {}", a.path.display());
+                ExitCode::SUCCESS
+            }
+            (_, e) => {
+                eprintln!("error: {}", e.map(String::as_str).unwrap_or("no agent config"));
+                ExitCode::from(1)
+            }
+        };
+    }
     let defaults = agent.as_ref().map(|a| a.defaults()).unwrap_or_else(|| Defaults {
         node: gethostname::gethostname().to_string_lossy().into_owned(),
         address: agent::primary_ip(),

@@ -77,6 +77,10 @@ fn validate_reports_every_error_with_its_place() {
     }
     assert!(!out.contains("ignored.txt") && !out.contains("hidden"), "{out}");
 
+    // --agent-only (the unit's ExecStartPre) ignores the service files.
+    let (code, out) = run(&["validate", "--agent-only", "--config", cfg]);
+    assert_eq!(code, 0, "{out}");
+
     // Single files can be validated too.
     let (code, out) = run(&["validate", "--config", cfg, &format!("{sd}/good.toml")]);
     assert_eq!(code, 0, "{out}");

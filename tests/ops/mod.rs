@@ -157,5 +157,5 @@ fn unit_file_verifies_and_is_hardened() {
     let level: f64 = line.split(':').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
     eprintln!("systemd-analyze security: exposure {level}");
     assert!(level <= 2.0, "{line}");
-    assert!(unit.contains("Type=notify") && unit.contains("ExecStartPre=/usr/local/bin/tether validate"));
+    assert!(unit.contains("Type=notify") && unit.contains("ExecStartPre=/usr/local/bin/tether validate --agent-only"));
 }
