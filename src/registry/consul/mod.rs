@@ -25,7 +25,9 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 /// TTL of each service's health check. tether re-sends it after a third of this.
-pub const HEALTH_TTL: Duration = Duration::from_secs(30 * 60);
+/// It only needs to outlive tether's refreshes: tether dying is caught by the
+/// alias of its liveness check, not by this TTL.
+pub const HEALTH_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const AGENT_SERVICE_NAME: &str = "tether";
 pub const META_MANAGED_BY: &str = "managed-by";
 pub const META_NODE: &str = "tether-node";
