@@ -1,0 +1,599 @@
+#!/usr/bin/env python3
+"""tether's benchmark suite: detection latency, crash detection, config
+pick-up, footprint and registry cost, against one Consul dev agent and one
+single-node etcd, all on loopback. Run it through scripts/bench.sh.
+
+Writes OUT/results.json (every figure and the raw samples) and OUT/report.md
+(the tables for docs/BENCHMARKS.md). Python 3.11 standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import CpuWindow, Procs, log, status_kb, summary, system_cpu, wait_until  # noqa: E402
+from consul import METRICS_INTERVAL, CatalogObserver, Consul, writes_of  # noqa: E402
+from etcd import Etcd, WatchObserver  # noqa: E402
+from services import HealthServer, Tether, drop_file, service_file  # noqa: E402
+import report  # noqa: E402
+
+FULL = dict(flips=50, etcd_flips=50, crashes=10, etcd_crashes=5, config_reps=20, calib=40,
+            ns=[10, 100, 1000], cost_ns=[100, 1000], etcd_ns=[100, 1000], idle_intervals=2, flip_intervals=1)  # fmt: skip
+QUICK = dict(flips=10, etcd_flips=10, crashes=3, etcd_crashes=2, config_reps=5, calib=15,
+             ns=[10, 100], cost_ns=[100], etcd_ns=[100], idle_intervals=1, flip_intervals=1)  # fmt: skip
+PHASES = ["calibration", "baseline", "detection", "crash", "config", "etcd", "footprint"]
+
+# Check IDs in the detection runs.
+WATCH, POLL, OWN = "tether:orders-watch", "tether:orders-poll", "consul-grpc"
+ETCD_KEY = "services/orders/orders-1"
+
+
+def ms(t: float | None, t0: float) -> float | None:
+    return None if t is None else round((t - t0) * 1000, 3)
+
+
+def sleep_dephased(lo: float, hi: float) -> None:
+    time.sleep(random.uniform(lo, hi))
+
+
+class Bench:
+    def __init__(self, args, cfg: dict) -> None:
+        self.args, self.cfg = args, cfg
+        self.procs = Procs()
+        self.work = tempfile.mkdtemp(prefix="tether-bench-")
+        self.results: dict = {"settings": cfg, "phases": {}}
+        self.consul: Consul | None = None
+        self.etcd: Etcd | None = None
+        self.obs: CatalogObserver | None = None
+
+    # ---------------------------------------------------------------- plumbing
+
+    def path(self, *parts: str) -> str:
+        p = os.path.join(self.work, *parts)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
+
+    def window(self, pids: dict[str, int], intervals: int, during=None) -> dict:
+        return self.windows(pids, [("w", intervals, during)])["w"]
+
+    def windows(self, pids: dict[str, int], plan: list[tuple[str, int, object]], snapshot=None) -> dict[str, dict]:
+        """Back-to-back measurement windows, each a whole number of the 10 s
+        intervals of Consul's metrics sink (aligned on the wall clock). For each
+        window: CPU of `pids` (and of the whole machine), their RSS at its end,
+        Consul's HTTP writes and Raft applies, etcd's revisions and lease
+        renewals. A window's `during(elapsed)` is called about every 50 ms.
+        `snapshot()` (a dict) is taken at each window's start and end; the
+        number of keys whose value changed is reported as `snapshot_changed`."""
+        now = time.time()
+        t = (int(now) // METRICS_INTERVAL + 1) * METRICS_INTERVAL
+        if t - now < 0.5:  # too close to catch cleanly: take the next one
+            t += METRICS_INTERVAL
+        spans = []
+        for name, intervals, during in plan:
+            spans.append((name, t, t + intervals * METRICS_INTERVAL, during))
+            t += intervals * METRICS_INTERVAL
+        final = t
+        # Consul shows only the last complete interval: read each one just
+        # after it completes (one GET per 10 s).
+        fetch_at = [spans[0][1] + (k + 1) * METRICS_INTERVAL + 0.6 for k in range(int((final - spans[0][1]) // METRICS_INTERVAL))]
+        fetched: dict[str, tuple[dict, int]] = {}
+        results: dict[str, dict] = {}
+        time.sleep(max(0.0, spans[0][1] - time.time()))
+        for name, s_wall, e_wall, during in spans:
+            rev0 = self.etcd.revision() if self.etcd else None
+            lease0 = self.etcd_lease_renewals()
+            snap0 = snapshot() if snapshot else None
+            w = CpuWindow(pids).start()
+            while True:
+                now = time.time()
+                if now >= e_wall:
+                    break
+                if during:
+                    during(now - s_wall)
+                if fetch_at and now >= fetch_at[0]:
+                    fetch_at.pop(0)
+                    stamp, counts, raft = self.consul_interval()
+                    fetched[stamp] = (counts, raft)
+                nxt = min([e_wall] + fetch_at[:1])
+                time.sleep(min(0.05, max(0.0, nxt - time.time())))
+            out = w.stop()
+            for pname, pid in pids.items():
+                out[f"{pname}_rss_kb"] = status_kb(pid, "VmRSS")
+                out[f"{pname}_hwm_kb"] = status_kb(pid, "VmHWM")
+            if snapshot:
+                snap1 = snapshot()
+                out["snapshot_changed"] = sum(1 for k in set(snap0) | set(snap1) if snap0.get(k) != snap1.get(k))
+                out["snapshot_size"] = len(snap1)
+            if self.etcd:
+                out["etcd_revisions"] = self.etcd.revision() - rev0
+                lease1 = self.etcd_lease_renewals()
+                if lease0 is not None and lease1 is not None:
+                    out["etcd_lease_renewals"] = int(lease1 - lease0)
+            out["wall_start"] = s_wall
+            results[name] = out
+        while fetch_at:
+            time.sleep(max(0.0, fetch_at[0] - time.time()))
+            fetch_at.pop(0)
+            stamp, counts, raft = self.consul_interval()
+            fetched[stamp] = (counts, raft)
+        for name, s_wall, e_wall, _ in spans:
+            out = results[name]
+            expected = [self._stamp(x) for x in range(int(s_wall), int(e_wall), METRICS_INTERVAL)]
+            http_writes: dict[str, int] = {}
+            applies = 0
+            for st in expected:
+                if st in fetched:
+                    for k, v in writes_of(fetched[st][0]).items():
+                        http_writes[k] = http_writes.get(k, 0) + v
+                    applies += fetched[st][1]
+            out["consul_intervals"] = [st for st in expected if st in fetched]
+            out["consul_intervals_missed"] = [st for st in expected if st not in fetched]
+            out["consul_http_writes"] = http_writes
+            out["consul_http_writes_total"] = sum(http_writes.values())
+            out["consul_raft_applies"] = applies
+        return results
+
+    @staticmethod
+    def _stamp(wall: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime(wall))
+
+    def consul_interval(self) -> tuple[str, dict, int]:
+        m = self.consul.http.json("GET", "/v1/agent/metrics")
+        counts = {s["Name"]: s["Count"] for s in m.get("Samples", []) if s["Name"].startswith("consul.http.")}
+        raft = sum(c["Count"] for c in m.get("Counters", []) if c["Name"] == "consul.raft.apply")
+        return m["Timestamp"], counts, raft
+
+    def etcd_lease_renewals(self) -> float | None:
+        if not self.etcd:
+            return None
+        return self.etcd.metrics(("etcd_debugging_lease_renewed_total",)).get("etcd_debugging_lease_renewed_total")
+
+    # ---------------------------------------------------------------- phases
+
+    def run(self) -> None:
+        self.results["meta"] = machine_info(self.args)
+        self.consul = Consul(self.procs, os.path.join(self.args.tools, "consul"), self.work)
+        self.etcd = Etcd(self.procs, os.path.join(self.args.tools, "etcd"), self.work)
+        self.obs = CatalogObserver(self.consul)
+        phases = self.args.phases.split(",") if self.args.phases else PHASES
+        for name in PHASES:
+            if name not in phases:
+                continue
+            log(f"== phase {name}")
+            t0 = time.monotonic()
+            busy0 = system_cpu()
+            getattr(self, f"phase_{name}")()
+            busy1 = system_cpu()
+            machine = 100.0 * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1) * (os.cpu_count() or 1)
+            self.results["phases"][name] = {"seconds": round(time.monotonic() - t0, 1), "machine_cpu_pct": round(machine, 1)}
+        self.obs.stop()
+
+    def phase_calibration(self) -> None:
+        """The observers' own floor: a write made directly by this script, until
+        the observer sees it (Consul: TTL check update → catalog blocking query;
+        etcd: put/delete → watch event)."""
+        c = self.consul
+        c.http.json("PUT", "/v1/agent/check/register", {"ID": "bench-calib", "Name": "bench calibration", "TTL": "10m"})
+        self.obs.wait(lambda s: "bench-calib" in s, 10)
+        consul_ms, put_ms = [], []
+        status = "critical"
+        for _ in range(self.cfg["calib"]):
+            sleep_dephased(0.02, 0.08)
+            status = "passing" if status == "critical" else "critical"
+            t0 = time.monotonic()
+            c.http.json("PUT", f"/v1/agent/check/update/bench-calib", {"Status": status, "Output": status})
+            t1 = time.monotonic()
+            if self.obs.wait(lambda s: s.get("bench-calib") == status, 5):
+                consul_ms.append(ms(self.obs.first_change("bench-calib", status, t0), t0))
+                put_ms.append(ms(t1, t0))
+        c.http.request("PUT", "/v1/agent/check/deregister/bench-calib")
+
+        e = self.etcd
+        w = WatchObserver(e, "bench/")
+        etcd_ms = []
+        try:
+            for i in range(self.cfg["calib"]):
+                sleep_dephased(0.02, 0.08)
+                t0 = time.monotonic()
+                if i % 2 == 0:
+                    e.put("bench/calib", "x")
+                    kind = "PUT"
+                    ok = w.wait(lambda s: "bench/calib" in s, 5)
+                else:
+                    e.delete("bench/calib")
+                    kind = "DELETE"
+                    ok = w.wait(lambda s: "bench/calib" not in s, 5)
+                if ok:
+                    etcd_ms.append(ms(w.first_event("bench/calib", kind, t0), t0))
+        finally:
+            w.stop()
+        self.results["calibration"] = {
+            "consul_update_to_catalog": summary(consul_ms),
+            "consul_update_put_roundtrip": summary(put_ms),
+            "etcd_write_to_watch": summary(etcd_ms),
+        }
+        log("calibration:", json.dumps(self.results["calibration"]))
+
+    def phase_baseline(self) -> None:
+        """Consul and etcd with nothing registered, nothing running."""
+        r = self.window({"consul": self.consul.pid, "etcd": self.etcd.pid}, self.cfg["idle_intervals"])
+        self.results["baseline"] = r
+        log("baseline:", json.dumps(r))
+
+    def start_detection_setup(self) -> None:
+        if getattr(self, "hs", None) is not None:
+            return
+        self.hs = HealthServer(self.procs, self.args.health_server, 0, [], self.path("health_server.log"))
+        files = {
+            "orders-watch.toml": service_file("orders-watch", "orders-watch", self.hs.port, "", "watch"),
+            "orders-poll.toml": service_file("orders-poll", "orders-poll", self.hs.port, "", "poll"),
+        }
+        self.tether = Tether(self.procs, self.args.tether, self.path("tether-consul", "x"), "bench", "consul", self.consul.url, files)
+        self.consul.register_grpc("c-orders", self.hs.port, "", "1s", check_id=OWN)
+        ok = self.obs.wait(lambda s: all(s.get(c) == "passing" for c in (WATCH, POLL, OWN)), 30)
+        if not ok:
+            raise RuntimeError(f"detection setup: not all passing: {self.obs.state}")
+        time.sleep(2)
+
+    def phase_detection(self) -> None:
+        """Flip NOT_SERVING/SERVING; time until each checker's status changes in
+        Consul's catalog. All three watch the same server at the same time."""
+        self.start_detection_setup()
+        res = {c: {"critical": [], "passing": []} for c in (WATCH, POLL, OWN)}
+        ack, missed = [], 0
+        held = []  # per flip back to SERVING: (how long it was NOT_SERVING, tether watch's latency), ms
+        t_prev = time.monotonic()
+        for i in range(self.cfg["flips"]):
+            for target, want in (("not_serving", "critical"), ("serving", "passing")):
+                sleep_dephased(0.2, 1.2)
+                t0, t1 = self.hs.set(target)
+                ack.append(ms(t1, t0))
+                if not self.obs.wait(lambda s: all(s.get(c) == want for c in res), 6):
+                    missed += 1
+                for c in res:
+                    v = ms(self.obs.first_change(c, want, t0), t0)
+                    if v is not None:
+                        res[c][want].append(v)
+                if want == "passing":
+                    held.append((ms(t0, t_prev), ms(self.obs.first_change(WATCH, want, t0), t0)))
+                t_prev = t0
+            if (i + 1) % 10 == 0:
+                log(f"detection: {i + 1}/{self.cfg['flips']} flip cycles")
+        self.results["detection_consul"] = {
+            "checks": {c: {k: summary(v) for k, v in d.items()} for c, d in res.items()},
+            "raw_ms": res,
+            "watch_passing_by_hold_ms": held,
+            "flip_ack": summary(ack),
+            "missed": missed,
+        }
+        log("detection:", json.dumps(self.results["detection_consul"]["checks"]))
+
+    def phase_crash(self) -> None:
+        """SIGKILL the server; time until each checker shows critical. Then
+        restart it on the same port and time the way back to passing."""
+        self.start_detection_setup()
+        cids = (WATCH, POLL, OWN)
+        crit = {c: [] for c in cids}
+        back = {c: [] for c in cids}
+        for i in range(self.cfg["crashes"]):
+            sleep_dephased(0.3, 1.3)
+            t0 = self.hs.kill()
+            self.obs.wait(lambda s: all(s.get(c) == "critical" for c in cids), 8)
+            for c in cids:
+                v = ms(self.obs.first_change(c, "critical", t0), t0)
+                if v is not None:
+                    crit[c].append(v)
+            t1 = time.monotonic()
+            self.hs.restart()
+            self.obs.wait(lambda s: all(s.get(c) == "passing" for c in cids), 15)
+            for c in cids:
+                v = ms(self.obs.first_change(c, "passing", t1), t1)
+                if v is not None:
+                    back[c].append(v)
+        self.results["crash_consul"] = {
+            "critical": {c: summary(v) for c, v in crit.items()},
+            "restart_to_passing": {c: summary(v) for c, v in back.items()},
+            "raw_ms": crit,
+        }
+        log("crash:", json.dumps(self.results["crash_consul"]["critical"]))
+
+    def phase_config(self) -> None:
+        """Drop a service file into services.d: time until it is passing in
+        Consul; remove it: time until it is gone."""
+        self.start_detection_setup()
+        registered, passing, gone = [], [], []
+        for i in range(self.cfg["config_reps"]):
+            sid = f"cfg-{i}"
+            cid = f"tether:{sid}"
+            path = os.path.join(self.tether.services_dir, f"{sid}.toml")
+            sleep_dephased(0.2, 0.7)
+            t0 = drop_file(path, service_file(sid, sid, self.hs.port, "", "watch"))
+            if self.obs.wait(lambda s: s.get(cid) == "passing", 10):
+                passing.append(ms(self.obs.first_change(cid, "passing", t0), t0))
+                first = min((t for t, c, old, _ in self.obs.events if c == cid and old is None and t >= t0), default=None)
+                registered.append(ms(first, t0))
+            sleep_dephased(0.2, 0.7)
+            t0 = time.monotonic()
+            os.unlink(path)
+            if self.obs.wait(lambda s: cid not in s, 10):
+                gone.append(ms(self.obs.first_change(cid, None, t0), t0))
+        self.results["config"] = {
+            "file_to_registered": summary([x for x in registered if x is not None]),
+            "file_to_passing": summary(passing),
+            "unlink_to_gone": summary(gone),
+            "raw_ms": {"passing": passing, "gone": gone},
+        }
+        log("config:", json.dumps({k: v for k, v in self.results["config"].items() if k != "raw_ms"}))
+
+    def stop_detection_setup(self) -> None:
+        if getattr(self, "tether", None) is not None:
+            code, secs = self.tether.stop()
+            self.results.setdefault("notes", {})["detection_tether_exit"] = {"code": code, "seconds": round(secs, 2)}
+            self.tether = None
+        self.consul.deregister("c-orders")
+
+    def phase_etcd(self) -> None:
+        """The same flips and kills with tether (watch mode) on etcd: time
+        until the key is gone / back, seen by a watch."""
+        self.stop_detection_setup()
+        if getattr(self, "hs", None) is None:
+            self.hs = HealthServer(self.procs, self.args.health_server, 0, [], self.path("health_server.log"))
+        w = WatchObserver(self.etcd, "services/")
+        try:
+            files = {"orders.toml": service_file("orders", "orders-1", self.hs.port, "", "watch")}
+            t = Tether(self.procs, self.args.tether, self.path("tether-etcd", "x"), "bench-etcd", "etcd", self.etcd.url, files)
+            if not w.wait(lambda s: ETCD_KEY in s, 30):
+                raise RuntimeError("etcd: the key never appeared")
+            time.sleep(2)
+            gone, back, ack = [], [], []
+            for i in range(self.cfg["etcd_flips"]):
+                sleep_dephased(0.05, 0.6)
+                t0, t1 = self.hs.set("not_serving")
+                ack.append(ms(t1, t0))
+                if w.wait(lambda s: ETCD_KEY not in s, 6):
+                    gone.append(ms(w.first_event(ETCD_KEY, "DELETE", t0), t0))
+                sleep_dephased(0.05, 0.6)
+                t0, t1 = self.hs.set("serving")
+                ack.append(ms(t1, t0))
+                if w.wait(lambda s: ETCD_KEY in s, 6):
+                    back.append(ms(w.first_event(ETCD_KEY, "PUT", t0), t0))
+            crash, crash_back = [], []
+            for i in range(self.cfg["etcd_crashes"]):
+                sleep_dephased(0.3, 1.0)
+                t0 = self.hs.kill()
+                if w.wait(lambda s: ETCD_KEY not in s, 8):
+                    crash.append(ms(w.first_event(ETCD_KEY, "DELETE", t0), t0))
+                t1 = time.monotonic()
+                self.hs.restart()
+                if w.wait(lambda s: ETCD_KEY in s, 15):
+                    crash_back.append(ms(w.first_event(ETCD_KEY, "PUT", t1), t1))
+            code, secs = t.stop()
+        finally:
+            w.stop()
+        self.results["detection_etcd"] = {
+            "key_gone": summary(gone),
+            "key_back": summary(back),
+            "flip_ack": summary(ack),
+            "kill_to_gone": summary(crash),
+            "restart_to_back": summary(crash_back),
+            "raw_ms": {"gone": gone, "back": back, "kill": crash},
+            "tether_exit": {"code": code, "seconds": round(secs, 2)},
+        }
+        log("etcd:", json.dumps({k: v for k, v in self.results["detection_etcd"].items() if k != "raw_ms"}))
+
+    def phase_footprint(self) -> None:
+        """tether with N services (one server, N health service names): RSS and
+        CPU idle and while flipping, registry writes, and the registry's own
+        CPU beside Consul running the same checks itself."""
+        self.stop_detection_setup()
+        if getattr(self, "hs", None) is not None:
+            self.hs.stop()
+            self.hs = None
+        fp, cost = [], []
+        self.results["footprint"], self.results["registry_cost"] = fp, cost
+        for n in self.cfg["ns"]:
+            hs = HealthServer(self.procs, self.args.health_server, 0, [f"svc-{i}" for i in range(n)], self.path(f"health_server-{n}.log"))
+            try:
+                for mode in ("watch", "poll"):
+                    fp.append(self.tether_footprint(hs, n, mode, "consul"))
+                if n in self.cfg["cost_ns"]:
+                    for interval in ("1s", "10s"):
+                        cost.append(self.consul_own_checks(hs, n, interval))
+                if n in self.cfg["etcd_ns"]:
+                    fp.append(self.tether_footprint(hs, n, "watch", "etcd"))
+            finally:
+                hs.stop()
+
+    def tether_footprint(self, hs: HealthServer, n: int, mode: str, backend: str) -> dict:
+        log(f"footprint: {n} services, {mode}, {backend}")
+        files = {f"fp-{i}.toml": service_file(f"fp-{i}", f"fp-{i}", hs.port, f"svc-{i}", mode) for i in range(n)}
+        t0 = time.monotonic()
+        t = Tether(self.procs, self.args.tether, self.path(f"tether-{backend}-{n}-{mode}", "x"), f"fp-{backend}", backend, self.url(backend), files)
+        try:
+            if backend == "consul":
+                count = lambda: self.consul.count_status("tether:fp-", "passing")  # noqa: E731
+            else:
+                count = lambda: self.etcd.count("services/fp-")  # noqa: E731
+            wait_until(lambda: t.alive() and count() == n, 180, 0.25, f"{n} services passing ({backend})")
+            startup = time.monotonic() - t0
+            rss_start = status_kb(t.pid, "VmRSS")
+            time.sleep(2)
+            pids = {"tether": t.pid, "server": hs.proc.pid, backend: self.consul.pid if backend == "consul" else self.etcd.pid}
+            period = METRICS_INTERVAL * self.cfg["flip_intervals"] / 4
+            flips = []
+
+            def flip(elapsed: float) -> None:
+                k = int(elapsed // period)
+                if k >= len(flips) and k < 4:
+                    hs.set("not_serving" if k % 2 == 0 else "serving")
+                    flips.append(k)
+
+            snapshot = self.tether_check_indexes if backend == "consul" else None
+            ws = self.windows(pids, [("idle", self.cfg["idle_intervals"], None), ("flipping", self.cfg["flip_intervals"], flip)], snapshot)
+            idle, flipping = ws["idle"], ws["flipping"]
+            flipping["flips"] = len(flips)
+            if hs.status != "serving":
+                hs.set("serving")
+            wait_until(lambda: count() == n, 60, 0.25, "all passing again after flipping")
+            idle_after_flip_rss = status_kb(t.pid, "VmRSS")
+            # One more flip of the whole server, timed until the registry shows
+            # all N changed (polled every 100 ms: a coarse figure).
+            time.sleep(1.5)
+            t1, _ = hs.set("not_serving")
+            wait_until(lambda: count() == 0, 90, 0.1, "all N not passing")
+            all_critical = time.monotonic() - t1
+            time.sleep(1.5)
+            t1, _ = hs.set("serving")
+            wait_until(lambda: count() == n, 90, 0.1, "all N passing")
+            all_passing = time.monotonic() - t1
+            code, stop_secs = t.stop()
+        finally:
+            if t.alive():
+                t.stop()
+        if backend == "consul":
+            wait_until(lambda: self.consul.count_prefix("tether:fp-") == 0, 60, 0.25, "deregistration")
+        r = {
+            "backend": backend, "n": n, "mode": mode, "interval": "1s",
+            "startup_to_all_passing_s": round(startup, 2), "rss_kb_at_all_passing": rss_start,
+            "idle": idle, "flipping": flipping, "rss_kb_after_flipping": idle_after_flip_rss,
+            "flip_all_to_not_passing_s": round(all_critical, 2), "flip_all_to_passing_s": round(all_passing, 2),
+            "shutdown_s": round(stop_secs, 2), "exit_code": code,
+        }  # fmt: skip
+        log("footprint:", json.dumps(r))
+        return r
+
+    def tether_check_indexes(self) -> dict[str, int]:
+        """ModifyIndex of every tether check in Consul's catalog: any catalog
+        write to one of them (a status or output change) moves it."""
+        checks = self.consul.http.json("GET", "/v1/health/state/any")
+        return {c["CheckID"]: c["ModifyIndex"] for c in checks if c["CheckID"].startswith("tether")}
+
+    def url(self, backend: str) -> str:
+        return self.consul.url if backend == "consul" else self.etcd.url
+
+    def consul_own_checks(self, hs: HealthServer, n: int, interval: str) -> dict:
+        """N Consul gRPC checks (one per service name) at `interval`."""
+        log(f"registry cost: Consul's own gRPC checks, {n} at {interval}")
+        t0 = time.monotonic()
+        for i in range(n):
+            self.consul.register_grpc(f"cg-{i}", hs.port, f"svc-{i}", interval)
+        reg_s = time.monotonic() - t0
+        try:
+            wait_until(lambda: self.consul.count_status("consul-grpc:cg-", "passing") == n, 120, 0.5, f"{n} Consul checks passing")
+            time.sleep(2)
+            r = self.window({"consul": self.consul.pid, "server": hs.proc.pid}, self.cfg["idle_intervals"])
+        finally:
+            for i in range(n):
+                self.consul.deregister(f"cg-{i}")
+        out = {"registry": "consul", "who": "consul", "n": n, "interval": interval, "register_s": round(reg_s, 2), "window": r}
+        log("registry cost:", json.dumps(out))
+        return out
+
+
+def machine_info(args) -> dict:
+    def sh(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dirty = sh(["git", "-C", root, "status", "--porcelain", "--", "src", "Cargo.toml", "examples"])
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "nproc": sh(["nproc"]),
+        "free_m": sh(["free", "-m"]),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "loadavg_start": open("/proc/loadavg").read().split()[:3],
+        "consul_version": sh([os.path.join(args.tools, "consul"), "version"]).splitlines()[0],
+        "etcd_version": sh([os.path.join(args.tools, "etcd"), "--version"]).splitlines()[0],
+        "python": platform.python_version(),
+        "tether_commit": sh(["git", "-C", root, "rev-parse", "--short", "HEAD"]),
+        "tether_worktree_dirty": bool(dirty),
+        "tether_binary": os.path.abspath(args.tether),
+        "command": args.command or " ".join(sys.argv),
+        "quick": args.quick,
+        "seed": args.seed,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tether", required=True)
+    ap.add_argument("--health-server", required=True)
+    ap.add_argument("--tools", required=True, help="folder with consul and etcd")
+    ap.add_argument("--out", required=True, help="folder for results.json, report.md and logs")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 10 flips, 10 and 100 services, short windows")
+    ap.add_argument("--flips", type=int, help="flip cycles (NOT_SERVING then SERVING) against Consul and etcd")
+    ap.add_argument("--services", help="comma-separated service counts for the footprint (default 10,100,1000; quick 10,100)")
+    ap.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
+    ap.add_argument("--seed", type=int, default=int(time.time()))
+    ap.add_argument("--keep", action="store_true", help="keep the temporary work folder (configs, logs)")
+    ap.add_argument("--command", help="the command line to record in the report")
+    args = ap.parse_args()
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.flips:
+        cfg["flips"] = cfg["etcd_flips"] = args.flips
+    if args.services:
+        cfg["ns"] = [int(x) for x in args.services.split(",")]
+        cfg["cost_ns"] = [n for n in cfg["ns"] if n >= 100]
+        cfg["etcd_ns"] = [n for n in cfg["ns"] if n >= 100]
+    random.seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    def on_term(signum, _frame):
+        raise SystemExit(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    bench = Bench(args, cfg)
+    t0 = time.monotonic()
+    ok = False
+    try:
+        bench.run()
+        ok = True
+    finally:
+        bench.procs.stop_all()
+        res = bench.results
+        res.setdefault("meta", {})["total_s"] = round(time.monotonic() - t0, 1)
+        res["meta"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+        res["meta"]["complete"] = ok
+        logs = os.path.join(args.out, "logs")
+        shutil.rmtree(logs, ignore_errors=True)
+        shutil.copytree(bench.work, logs, ignore=shutil.ignore_patterns("etcd-data", "*.toml", "services.d"), dirs_exist_ok=True)
+        if not args.keep:
+            shutil.rmtree(bench.work, ignore_errors=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        if ok:
+            with open(os.path.join(args.out, "report.md"), "w") as f:
+                f.write(report.render(res))
+            log(f"done in {res['meta']['total_s']} s: {args.out}/report.md, {args.out}/results.json")
+        else:
+            log(f"incomplete run; partial results in {args.out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# tether's benchmark suite (not part of the tests): detection latency against
+# Consul's own gRPC check, crash detection, config pick-up, footprint with
+# 10/100/1000 services and the registries' own cost, in one run against one
+# Consul dev agent and one etcd on loopback. See docs/BENCHMARKS.md.
+#
+#   scripts/bench.sh [--quick] [--out DIR] [-- extra bench/run.py options]
+#
+#   --quick     smoke run (~5 min): 10 flips, 10 and 100 services, 10 s windows
+#   --out DIR   where results.json, report.md and logs/ go
+#               (default: $CARGO_TARGET_DIR/bench-results/<UTC time>, target/ if unset)
+# Other options go to bench/run.py (e.g. --flips 80, --seed 1, --keep,
+# --phases calibration,detection); see python3 bench/run.py --help.
+#
+# Builds tether and the example health server in release mode with
+# CARGO_TARGET_DIR (default target/). A full run takes about 13-15 minutes on a
+# 2-core machine. Every process it starts is stopped at the end, also on error
+# or Ctrl-C (run.py: try/finally, PR_SET_PDEATHSIG).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+out=""
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) out="$2"; shift 2 ;;
+        --out=*) out="${1#--out=}"; shift ;;
+        --) shift; args+=("$@"); break ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+
+target="${CARGO_TARGET_DIR:-target}"
+case "$target" in /*) ;; *) target="$root/$target" ;; esac
+[ -n "$out" ] || out="$target/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
+
+bash scripts/install-deps.sh
+echo "== building tether and the example health server (release, CARGO_TARGET_DIR=$target)" >&2
+CARGO_TARGET_DIR="$target" cargo build --release --quiet --bin tether --example health_server
+
+command -v python3 >/dev/null || { echo "bench.sh: python3 (3.11+) is needed" >&2; exit 1; }
+python3 - <<'PY' || { echo "bench.sh: python3 3.11 or newer is needed" >&2; exit 1; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 11) else 1)
+PY
+
+cmd="scripts/bench.sh"
+[ ${#args[@]} -gt 0 ] && cmd="$cmd ${args[*]}"
+# exec: SIGTERM, SIGINT and SIGHUP reach run.py itself, which stops everything
+# it started in a `finally`; its children also get SIGKILL if it dies
+# (PR_SET_PDEATHSIG). Nothing else runs in this script from here on.
+exec python3 bench/run.py \
+    --tether "$target/release/tether" \
+    --health-server "$target/release/examples/health_server" \
+    --tools "$root/.tools/bin" \
+    --out "$out" \
+    --command "$cmd" \
+    ${args[@]+"${args[@]}"}
