@@ -6,7 +6,8 @@
 //! services directory is noticed; [`DirWatcher::refresh`] re-attaches the
 //! watch when the directory's identity changes.
 
-use notify_debouncer_full::notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::notify::event::{AccessKind, AccessMode};
+use notify_debouncer_full::notify::{EventKind, RecommendedWatcher, RecursiveMode};
 use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -28,8 +29,12 @@ impl DirWatcher {
     /// Start watching `dir` (and its parent); `trigger` is notified on any event.
     pub fn new(dir: &Path, trigger: Arc<Notify>) -> notify::Result<Self> {
         let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
-            if let Err(errors) = &result {
-                tracing::warn!(?errors, "config directory watcher error; rescanning");
+            match &result {
+                Err(errors) => tracing::warn!(?errors, "config directory watcher error; rescanning"),
+                // Opening and reading files (our own scans among them) changes
+                // nothing; reacting to it would rescan forever.
+                Ok(events) if events.iter().all(|e| is_read_only(&e.kind)) => return,
+                Ok(_) => {}
             }
             trigger.notify_one();
         })?;
@@ -59,5 +64,26 @@ impl DirWatcher {
                 }
             }
         }
+    }
+}
+
+/// Access events that cannot change a file's content (open, read, close
+/// without write).
+fn is_read_only(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Access(a) if !matches!(a, AccessKind::Close(AccessMode::Write)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify_debouncer_full::notify::event::{CreateKind, ModifyKind};
+
+    #[test]
+    fn reads_are_ignored_writes_are_not() {
+        assert!(is_read_only(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
+        assert!(is_read_only(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(!is_read_only(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(!is_read_only(&EventKind::Modify(ModifyKind::Any)));
+        assert!(!is_read_only(&EventKind::Create(CreateKind::File)));
     }
 }
