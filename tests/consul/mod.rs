@@ -301,7 +301,10 @@ fn critical_services_are_deregistered_after_deregister_critical_after() {
     let mut server = HealthServer::start(0, &[]);
     let setup = Setup::consul(&consul, "");
     setup.write_service("a.toml", &service("alpha", server.port, "id = \"alpha\"\nderegister_critical_after = \"1m\""));
-    setup.write_service("b.toml", &service("beta", server.port, "id = \"beta\"\nderegister_critical_after = \"1m\"\n[check]\nservice = \"beta\""));
+    setup.write_service(
+        "b.toml",
+        &service("beta", server.port, "id = \"beta\"\nderegister_critical_after = \"1m\"\n[check]\nservice = \"beta\""),
+    );
     let mut tether = setup.start();
     consul.wait_health("alpha", "passing", T);
 
