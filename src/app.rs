@@ -68,7 +68,8 @@ struct Pipeline<'a> {
 impl Pipeline<'_> {
     async fn run<R: Registry>(self, registry: R) -> anyhow::Result<()> {
         let config = self.config;
-        let reconciler = Reconciler::new(registry, &config.node, config.deregister_on_shutdown, self.telemetry.clone());
+        let reconciler = Reconciler::new(registry, &config.node, config.deregister_on_shutdown, self.telemetry.clone())
+            .map_err(|e| anyhow::anyhow!("{}: cannot set up the registry connection: {e}", config.path.display()))?;
         let (desired_tx, desired_rx) = mpsc::channel(4);
         let reconcile_token = self.shutdown.child_token();
         let reconcile = tokio::spawn(reconciler.run(desired_rx, reconcile_token.clone()));
@@ -132,7 +133,7 @@ impl Scanner {
             tracing::info!("resolved: {e}");
         }
         self.telemetry.metrics.config_errors.set(errors.len() as i64);
-        self.telemetry.status.lock().expect("status lock").config_errors = errors.iter().cloned().collect();
+        self.telemetry.with_status(|s| s.config_errors = errors.iter().cloned().collect());
         self.errors = errors;
         if self.last.as_ref() == Some(&scan.services) {
             return None;

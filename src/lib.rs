@@ -15,6 +15,7 @@
 //! the reconciler writes to the registry. See ARCHITECTURE.md.
 
 pub mod app;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod health;

@@ -67,10 +67,33 @@ impl TlsConfig {
     }
 
     /// Modification times of the files, to notice rotation.
-    pub fn stamp(&self) -> Vec<Option<SystemTime>> {
+    pub fn stamp(&self) -> Stamp {
         [&self.ca_file, &self.cert_file, &self.key_file]
             .iter()
             .map(|p| p.as_ref().and_then(|p| std::fs::metadata(p).ok()).and_then(|m| m.modified().ok()))
             .collect()
+    }
+}
+
+/// Modification times of a [`TlsConfig`]'s files.
+pub type Stamp = Vec<Option<SystemTime>>;
+
+/// The one place that notices rotated TLS files: remembers the files'
+/// modification times when a client was built from them.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    stamp: Stamp,
+}
+
+impl Rotation {
+    /// Remember `tls`'s files as they are now (call when building a client).
+    pub fn new(tls: &TlsConfig) -> Self {
+        Rotation { stamp: tls.stamp() }
+    }
+
+    /// Whether any file changed since the client was built. Does not update:
+    /// call [`Rotation::new`] again once a client is rebuilt from them.
+    pub fn changed(&self, tls: &TlsConfig) -> bool {
+        tls.stamp() != self.stamp
     }
 }

@@ -4,6 +4,7 @@
 //! failure); [`threshold`] turns them into Passing/Critical with rise/fall;
 //! [`supervisor`] runs one task per service and reports only changes.
 
+pub mod conn;
 pub mod probe;
 pub mod supervisor;
 pub mod threshold;

@@ -16,16 +16,17 @@
 //!
 //! Poll mode calls `Check` every `interval` with `timeout` as the deadline.
 
+use super::conn::{Beat, Connections, Lease};
 use super::Observation;
+use crate::backoff::{jitter, Backoff};
 use crate::config::tls::TlsConfig;
 use crate::config::{CheckMode, CheckSpec};
-use rand::Rng;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 /// First reconnect delay; doubles up to the check interval.
@@ -40,36 +41,46 @@ fn far_future() -> Instant {
 
 pub struct Probe {
     spec: CheckSpec,
-    client: HealthClient<Channel>,
+    connections: Connections,
+    lease: Lease,
+    /// The connection's liveness results (watch mode).
+    beats: watch::Receiver<Beat>,
     /// Watch mode, until the server says Watch is UNIMPLEMENTED.
     watching: bool,
     stream: Option<Streaming<HealthCheckResponse>>,
-    /// Delay before the next reconnect; `None` = connect now.
-    backoff: Option<Duration>,
+    /// The last message of the open Watch stream, re-confirmed by each
+    /// successful liveness check of the connection while the stream is quiet.
+    last: Option<Observation>,
+    /// Delay before the next reconnect after failures.
+    backoff: Backoff,
+    /// A one-off delay before the next reconnect (after letting go of a
+    /// not-serving stream).
+    pause: Option<Duration>,
     /// When to drop a stream that keeps saying the service is not serving.
     drop_at: Option<Instant>,
-    /// Modification times of the TLS files the channel was built from.
-    tls_stamp: Option<Vec<Option<std::time::SystemTime>>>,
     /// When the current Watch was opened, until its first message.
     opened: Option<Instant>,
-    /// When the next periodic observation is due.
+    /// When the next poll is due (poll mode).
     next_tick: Instant,
     logged_fallback: bool,
 }
 
 impl Probe {
-    pub fn new(spec: CheckSpec) -> Result<Self, String> {
-        let client = HealthClient::new(channel(&spec.target, spec.timeout, spec.tls.as_ref())?);
-        let tls_stamp = spec.tls.as_ref().map(TlsConfig::stamp);
+    pub fn new(spec: CheckSpec, connections: &Connections) -> Result<Self, String> {
+        let lease = connections.get(&spec)?;
+        let beats = lease.beats();
         let watching = spec.mode == CheckMode::Watch;
         Ok(Probe {
-            client,
+            connections: connections.clone(),
+            lease,
+            beats,
             watching,
             stream: None,
-            backoff: None,
+            last: None,
+            backoff: Backoff::new(BACKOFF_START, spec.interval.max(BACKOFF_START)),
+            pause: None,
             drop_at: None,
             opened: None,
-            tls_stamp,
             next_tick: Instant::now(),
             logged_fallback: false,
             spec,
@@ -85,19 +96,17 @@ impl Probe {
         }
     }
 
-    /// Rebuild the channel when rotated TLS files are noticed.
+    /// Move to a fresh connection when rotated TLS files are noticed.
     fn refresh_tls(&mut self) {
-        let Some(tls) = &self.spec.tls else { return };
-        let stamp = tls.stamp();
-        if self.tls_stamp.as_ref() == Some(&stamp) {
+        if !self.lease.rotated() {
             return;
         }
-        match channel(&self.spec.target, self.spec.timeout, Some(tls)) {
-            Ok(ch) => {
+        match self.connections.get(&self.spec) {
+            Ok(lease) => {
                 tracing::info!(target = %self.spec.target, "TLS files changed; reconnecting with them");
-                self.client = HealthClient::new(ch);
+                self.beats = lease.beats();
+                self.lease = lease;
                 self.stream = None;
-                self.tls_stamp = Some(stamp);
             }
             Err(e) => tracing::warn!(target = %self.spec.target, error = %e, "TLS files changed but cannot be used; keeping the old ones"),
         }
@@ -113,13 +122,16 @@ impl Probe {
     async fn next_watch(&mut self) -> Observation {
         loop {
             if self.stream.is_none() {
-                if let Some(delay) = self.backoff {
+                if let Some(delay) = self.pause.take().or(self.backoff.current()) {
                     sleep(jitter(delay)).await;
                 }
                 self.refresh_tls();
                 let req = HealthCheckRequest { service: self.spec.service.clone() };
                 self.opened = Some(Instant::now());
-                match timeout(self.spec.timeout, self.client.watch(req)).await {
+                // Liveness results from before this stream do not concern it.
+                self.beats.borrow_and_update();
+                self.last = None;
+                match timeout(self.spec.timeout, self.lease.client().watch(req)).await {
                     Err(_) => {
                         return self
                             .fail(format!("deadline exceeded after {} opening Watch", humantime::format_duration(self.spec.timeout)))
@@ -130,13 +142,12 @@ impl Probe {
                             self.logged_fallback = true;
                         }
                         self.watching = false;
-                        self.backoff = None;
+                        self.backoff.reset();
                         return self.next_poll().await;
                     }
                     Ok(Err(status)) => return self.fail(describe(&status, self.spec.timeout)),
                     Ok(Ok(resp)) => {
                         self.stream = Some(resp.into_inner());
-                        self.next_tick = Instant::now() + self.spec.interval;
                         self.drop_at = None;
                     }
                 }
@@ -147,10 +158,10 @@ impl Probe {
                 msg = stream.message() => return match msg {
                     Ok(Some(resp)) => {
                         let mut obs = observe_status(resp.status);
+                        self.last = Some(obs.clone());
                         obs.latency = self.opened.take().map(|t| t.elapsed());
-                        self.next_tick = Instant::now() + self.spec.interval;
                         if obs.ok {
-                            self.backoff = None;
+                            self.backoff.reset();
                             self.drop_at = None;
                         } else if self.drop_at.is_none() {
                             self.drop_at = Some(Instant::now() + NOT_SERVING_GRACE);
@@ -165,14 +176,22 @@ impl Probe {
                     // shutdown waits for it) and look again shortly.
                     self.stream = None;
                     self.drop_at = None;
-                    self.backoff = Some(NOT_SERVING_GRACE / 10);
+                    self.pause = Some(NOT_SERVING_GRACE / 10);
                     continue;
                 }
-                _ = tokio::time::sleep_until(self.next_tick) => {
-                    // Quiet stream: confirm with a unary Check on the same connection.
-                    self.next_tick = Instant::now() + self.spec.interval;
-                    let obs = self.check().await;
-                    return if obs.ok || self.drop_at.is_some() { obs } else { self.fail(obs.output) };
+                changed = self.beats.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let beat = self.beats.borrow_and_update().clone();
+                    match (beat.error, &self.last) {
+                        // The server stopped answering: this stream is as good as dead.
+                        (Some(e), _) if self.drop_at.is_none() => return self.fail(e),
+                        (Some(e), _) => return Observation { ok: false, output: e, latency: None },
+                        // Alive and the stream is quiet: its last word still holds.
+                        (None, Some(last)) => return last.clone(),
+                        (None, None) => continue,
+                    }
                 }
             }
         }
@@ -181,11 +200,8 @@ impl Probe {
     /// A failure in watch mode: drop the stream and back off before re-opening it.
     fn fail(&mut self, output: String) -> Observation {
         self.stream = None;
-        let cap = self.spec.interval.max(BACKOFF_START);
-        self.backoff = Some(match self.backoff {
-            None => BACKOFF_START,
-            Some(d) => (d * 2).min(cap),
-        });
+        self.last = None;
+        self.backoff.next_delay();
         Observation { ok: false, output, latency: None }
     }
 
@@ -193,7 +209,7 @@ impl Probe {
         let mut req = tonic::Request::new(HealthCheckRequest { service: self.spec.service.clone() });
         req.set_timeout(self.spec.timeout);
         let started = Instant::now();
-        let mut obs = match timeout(self.spec.timeout, self.client.check(req)).await {
+        let mut obs = match timeout(self.spec.timeout, self.lease.client().check(req)).await {
             Err(_) => Observation {
                 ok: false,
                 output: format!("deadline exceeded after {}", humantime::format_duration(self.spec.timeout)),
@@ -277,7 +293,7 @@ pub fn describe(status: &Status, deadline: Duration) -> String {
     }
 }
 
-fn io_cause(status: &Status) -> Option<&std::io::Error> {
+pub(super) fn io_cause(status: &Status) -> Option<&std::io::Error> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -309,9 +325,4 @@ pub fn code_name(code: Code) -> &'static str {
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
-}
-
-/// ±20 % so that many probes do not reconnect in lockstep.
-fn jitter(d: Duration) -> Duration {
-    d.mul_f64(rand::rng().random_range(0.8..1.2))
 }

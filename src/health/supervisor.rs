@@ -1,5 +1,6 @@
 //! One task per service: runs its probe, applies rise/fall, reports changes.
 
+use super::conn::Connections;
 use super::probe::Probe;
 use super::threshold::Threshold;
 use super::{Health, Status};
@@ -24,12 +25,13 @@ pub async fn supervise(
     id: String,
     generation: u64,
     spec: CheckSpec,
+    connections: Connections,
     tx: mpsc::Sender<HealthChange>,
     cancel: CancellationToken,
     telemetry: Arc<Telemetry>,
 ) {
     let latency = telemetry.metrics.check_duration.get_or_create_owned(&Metrics::service(&id));
-    let mut probe = match Probe::new(spec.clone()) {
+    let mut probe = match Probe::new(spec.clone(), &connections) {
         Ok(p) => p,
         Err(e) => {
             let _ = tx.send(HealthChange { id, generation, health: Health::critical(e) }).await;

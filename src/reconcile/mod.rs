@@ -1,43 +1,58 @@
-//! The one writer: desired specs + health → registry records.
+//! The reconciler: desired specs + health → what the registry should hold.
 //!
-//! The reconciler owns, per service, the desired spec, the latest health from
-//! its probe, and what it believes the registry holds (`remote`). Every input
-//! (a new desired set, a health change, a timer) updates local state and then
-//! [`Reconciler::sync`]s the affected records: a write happens only where the
-//! desired view and the remote view differ, so restarts and resyncs cause no
-//! churn. Anti-entropy (at start, after any registry error, and on a jittered
-//! period) re-reads the remote view, re-registers what is missing and removes
-//! records this node owns that no file describes. It never touches records
-//! owned by anyone else. Its loop also drives tether's liveness heartbeat and
-//! the systemd watchdog, so a stuck loop shows up as a dead agent.
+//! It owns, per service, the desired spec, the latest health from its probe,
+//! and what it believes the registry holds (`remote`). Every input (a new
+//! desired set, a health change, a timer, a finished write) updates local
+//! state for the services it concerns and queues the writes that would make
+//! the registry match: a write only where the desired and the believed-remote
+//! views differ, so restarts and resyncs cause no churn.
+//!
+//! Its loop never awaits registry I/O. Three tasks share the work:
+//! - the reconciler (this loop): state, decisions, the write [`queue`];
+//! - the [`writer`]: the one task that writes (and lists), a batch at a time;
+//! - the [`heartbeat`] lane: tether's liveness on its own connection.
+//!
+//! Anti-entropy (at start, after any registry error with capped jittered
+//! backoff, and every 30 s ± 20 %) re-reads the registry in the writer,
+//! re-registers what is missing and removes records this node owns that no
+//! file describes. It never touches records owned by anyone else. Its fixes
+//! queue behind writes caused by health changes.
 
+pub mod heartbeat;
+pub mod queue;
+pub mod writer;
+
+use crate::backoff::{jitter, Backoff};
 use crate::config::ServiceSpec;
+use crate::health::conn::Connections;
 use crate::health::supervisor::{supervise, HealthChange};
 use crate::health::{Health, Status};
-use crate::registry::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry};
+use crate::registry::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry, View, Write};
 use crate::telemetry::metrics::{unix_now, Metrics};
 use crate::telemetry::status::{rfc3339, ServiceStatus};
 use crate::telemetry::{systemd, Telemetry};
-use rand::Rng;
-use std::collections::{BTreeMap, HashMap};
+use queue::Queue;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use writer::{Done, Work};
 
 /// Period of anti-entropy when nothing goes wrong (±20 % jitter).
 pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(30);
 /// Retry delays after registry errors: doubling from the first to the cap, jittered.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(10);
-/// Anti-entropy writes this many fixes at once, then at most one per spacing
-/// (≤ 500/s), so a registry that lost everything is not flooded.
-const AE_BURST: u64 = 100;
-const AE_WRITE_SPACING: Duration = Duration::from_millis(2);
 /// The loop turns at least this often (loop-alive mark, watchdog).
 const TICK: Duration = Duration::from_secs(1);
+/// A new service is registered once its health is known; if no result comes
+/// within its check timeout plus this, it is registered critical meanwhile.
+const FIRST_RESULT_GRACE: Duration = Duration::from_secs(1);
 /// Output shown for a new service before its first health result.
 pub const WAITING: &str = "waiting for the first gRPC health result";
 
@@ -48,14 +63,26 @@ struct Remote {
     health: Option<Health>,
 }
 
+/// What the registry should hold for one service.
+#[derive(Debug)]
+enum Desired {
+    /// Not decided yet (no health result so far): leave the registry as it is.
+    Undecided,
+    Absent,
+    Present { fingerprint: String, health: Health },
+}
+
 struct Entry {
-    spec: ServiceSpec,
+    spec: Arc<ServiceSpec>,
     /// Latest decided health from the probe; `None` before the first result.
     health: Option<Health>,
     critical_since: Option<Instant>,
     /// When `health` last changed.
     since: Option<SystemTime>,
+    added: Instant,
     remote: Option<Remote>,
+    /// A write of this service is with the writer; its outcome re-syncs it.
+    in_flight: bool,
     last_write: Instant,
     last_write_at: Option<SystemTime>,
     last_error: Option<String>,
@@ -63,50 +90,100 @@ struct Entry {
     probe: CancellationToken,
 }
 
+/// What the writer is doing.
+enum Busy {
+    Idle,
+    Writing,
+    Syncing,
+}
+
 pub struct Reconciler<R: Registry> {
-    registry: R,
+    view: R::View,
     node: String,
     deregister_on_shutdown: bool,
-    entries: BTreeMap<String, Entry>,
-    agent: Option<AgentInfo>,
+    entries: HashMap<String, Entry>,
+    /// What tether's own presence should be, and what was last made so.
+    agent: AgentInfo,
+    agent_synced: Option<AgentInfo>,
     /// The remote view cannot be trusted until the next anti-entropy succeeds.
     stale: bool,
+    /// Anti-entropy is due (runs as soon as the writer is free).
+    sync_due: bool,
     next_anti_entropy: Instant,
-    retry_delay: Option<Duration>,
-    next_heartbeat: Instant,
+    retry: Backoff,
+    first_sync_done: bool,
+    queue: Queue,
+    max_batch: usize,
+    busy: Busy,
+    work_tx: mpsc::Sender<Work>,
+    done_rx: mpsc::Receiver<Done>,
+    writer: JoinHandle<R>,
+    /// Fixes queued by the current anti-entropy pass, counted when written.
+    fixes: u64,
+    /// Deadlines (deregister-after-critical, first-result grace), checked lazily.
+    timers: BinaryHeap<Reverse<(Instant, String)>>,
+    lane_agent: watch::Sender<Option<AgentInfo>>,
+    lane_failed: mpsc::Receiver<heartbeat::Failed>,
+    lane_cancel: CancellationToken,
+    lane: JoinHandle<()>,
     generation: u64,
     health_tx: mpsc::Sender<HealthChange>,
     health_rx: mpsc::Receiver<HealthChange>,
     probes: TaskTracker,
+    connections: Connections,
     telemetry: Arc<Telemetry>,
     watchdog_every: Option<Duration>,
     next_watchdog: Instant,
-    last_heartbeat: Option<SystemTime>,
 }
 
 impl<R: Registry> Reconciler<R> {
-    pub fn new(registry: R, node: &str, deregister_on_shutdown: bool, telemetry: Arc<Telemetry>) -> Self {
-        let (health_tx, health_rx) = mpsc::channel(1024);
+    /// Start the writer and the heartbeat lane on `registry`.
+    pub fn new(registry: R, node: &str, deregister_on_shutdown: bool, telemetry: Arc<Telemetry>) -> Result<Self, RegistryError> {
+        let view = registry.view();
+        let max_batch = registry.max_batch().max(1);
+        let lane = registry.lane()?;
+        let (health_tx, health_rx) = mpsc::channel(4096);
+        let (work_tx, work_rx) = mpsc::channel(1);
+        let (done_tx, done_rx) = mpsc::channel(1);
+        let writer = tokio::spawn(writer::run(registry, work_rx, done_tx, telemetry.clone()));
+        let (lane_agent, lane_agent_rx) = watch::channel(None);
+        let (lane_failed_tx, lane_failed) = mpsc::channel(4);
+        let lane_cancel = CancellationToken::new();
+        let lane = tokio::spawn(heartbeat::run(lane, lane_agent_rx, lane_failed_tx, telemetry.clone(), lane_cancel.clone()));
         let now = Instant::now();
-        Reconciler {
-            registry,
+        Ok(Reconciler {
+            view,
             node: node.to_string(),
             deregister_on_shutdown,
-            entries: BTreeMap::new(),
-            agent: None,
+            entries: HashMap::new(),
+            agent: AgentInfo::for_services(node, std::iter::empty()),
+            agent_synced: None,
             stale: true,
-            next_anti_entropy: now,
-            retry_delay: None,
-            next_heartbeat: now,
+            sync_due: true,
+            next_anti_entropy: now + Duration::from_secs(86400),
+            retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
+            first_sync_done: false,
+            queue: Queue::default(),
+            max_batch,
+            busy: Busy::Idle,
+            work_tx,
+            done_rx,
+            writer,
+            fixes: 0,
+            timers: BinaryHeap::new(),
+            lane_agent,
+            lane_failed,
+            lane_cancel,
+            lane,
             generation: 0,
             health_tx,
             health_rx,
             probes: TaskTracker::new(),
+            connections: Connections::new(),
             telemetry,
             watchdog_every: systemd::watchdog_every(),
             next_watchdog: now,
-            last_heartbeat: None,
-        }
+        })
     }
 
     /// Run until `shutdown` fires; `desired` delivers each new desired set.
@@ -116,25 +193,29 @@ impl<R: Registry> Reconciler<R> {
         tokio::select! {
             _ = shutdown.cancelled() => return self.shutdown().await,
             first = desired.recv() => match first {
-                Some(set) => self.apply_desired(set).await,
+                Some(set) => self.apply_desired(set),
                 None => return self.shutdown().await,
             },
         }
         loop {
             self.turn();
-            let deadline = self.next_deadline();
+            self.dispatch();
+            let timer = self.timers.peek().map(|Reverse((t, _))| *t);
             let tick = Instant::now() + self.watchdog_every.map_or(TICK, |w| w.min(TICK));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(set) = desired.recv() => self.apply_desired(set).await,
-                Some(change) = self.health_rx.recv() => self.apply_health(change).await,
-                _ = sleep_until(self.next_heartbeat), if !self.stale => self.heartbeat().await,
-                _ = sleep_until(self.next_anti_entropy) => self.anti_entropy().await,
-                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => self.sync_all().await,
+                Some(done) = self.done_rx.recv() => self.on_done(done),
+                Some(change) = self.health_rx.recv() => self.apply_health(change),
+                Some(set) = desired.recv() => self.apply_desired(set),
+                Some(heartbeat::Failed(e)) = self.lane_failed.recv() => self.on_heartbeat_failed(e),
+                _ = sleep_until(self.next_anti_entropy) => {
+                    self.sync_due = true;
+                    self.next_anti_entropy = Instant::now() + ANTI_ENTROPY_EVERY;
+                }
+                _ = sleep_until(timer.unwrap_or(tick)), if timer.is_some() => self.fire_timers(),
                 _ = sleep_until(tick) => {}
             }
-            self.publish();
         }
         self.shutdown().await;
     }
@@ -150,47 +231,96 @@ impl<R: Registry> Reconciler<R> {
         }
     }
 
+    /// Hand the writer its next piece of work if it is free: urgent writes,
+    /// then a due anti-entropy pass, then background fixes.
+    fn dispatch(&mut self) {
+        if !matches!(self.busy, Busy::Idle) {
+            return;
+        }
+        let urgent_first = !self.stale && self.queue.has_urgent();
+        if self.sync_due && !urgent_first {
+            self.sync_due = false;
+            let agent = self.agent.clone();
+            if self.work_tx.try_send(Work::Sync(agent)).is_ok() {
+                self.busy = Busy::Syncing;
+            }
+            return;
+        }
+        if self.stale {
+            return;
+        }
+        let batch = self.queue.take(self.max_batch);
+        self.telemetry.metrics.write_queue.set(self.queue.len() as i64);
+        if batch.is_empty() {
+            if self.first_sync_done && !self.telemetry.is_ready() {
+                self.telemetry.set_ready();
+                systemd::ready();
+            }
+            return;
+        }
+        for w in &batch {
+            if let Some(e) = self.entries.get_mut(w.id()) {
+                e.in_flight = true;
+            }
+        }
+        if self.work_tx.try_send(Work::Writes(batch)).is_ok() {
+            self.busy = Busy::Writing;
+        }
+    }
+
     /// Start, stop or restart probes and records for a new desired set.
-    async fn apply_desired(&mut self, set: BTreeMap<String, ServiceSpec>) {
+    fn apply_desired(&mut self, set: BTreeMap<String, ServiceSpec>) {
         let removed: Vec<String> = self.entries.keys().filter(|id| !set.contains_key(*id)).cloned().collect();
         for id in removed {
             let entry = self.entries.remove(&id).expect("present");
             entry.probe.cancel();
             self.telemetry.metrics.forget(&id);
+            self.telemetry.set_service(&id, None);
             tracing::info!(service = %id, file = %entry.spec.file.display(), "service file removed");
-            if entry.remote.is_some() && !self.stale {
-                self.write(&id, entry.spec.name.clone(), Write::Deregister).await;
+            // An in-flight write is followed up when it finishes; while stale,
+            // the next anti-entropy removes it as an orphan.
+            if !entry.in_flight && !self.stale {
+                match entry.remote {
+                    Some(_) => self.queue.put(Write::Deregister { id: id.clone(), name: entry.spec.name.clone() }, true),
+                    None => self.queue.remove(&id),
+                }
             }
-            // If stale, the next anti-entropy removes it as an orphan.
         }
         let mut touched = Vec::new();
         for (id, spec) in set {
             match self.entries.get_mut(&id) {
-                Some(entry) if entry.spec == spec => continue,
+                Some(entry) if *entry.spec == spec => continue,
                 Some(entry) => {
                     tracing::info!(service = %id, file = %spec.file.display(), "service file changed");
-                    if entry.spec.check != spec.check {
+                    let restart = entry.spec.check != spec.check;
+                    if restart {
                         entry.probe.cancel();
                         self.generation += 1;
+                        let probe = spawn_probe(self, &id, &spec);
+                        let entry = self.entries.get_mut(&id).expect("present");
                         entry.generation = self.generation;
-                        entry.probe = spawn_probe(&self.probes, &id, self.generation, &spec, &self.health_tx, &self.telemetry);
+                        entry.probe = probe;
                     }
-                    entry.spec = spec;
+                    self.entries.get_mut(&id).expect("present").spec = Arc::new(spec);
                 }
                 None => {
                     tracing::info!(service = %id, file = %spec.file.display(), "service added");
                     self.generation += 1;
-                    let probe = spawn_probe(&self.probes, &id, self.generation, &spec, &self.health_tx, &self.telemetry);
+                    let probe = spawn_probe(self, &id, &spec);
                     self.telemetry.metrics.service_health.get_or_create(&Metrics::service(&id)).set(-1);
+                    let now = Instant::now();
+                    self.timers.push(Reverse((now + spec.check.timeout + FIRST_RESULT_GRACE, id.clone())));
                     self.entries.insert(
                         id.clone(),
                         Entry {
-                            spec,
+                            spec: Arc::new(spec),
                             health: None,
                             critical_since: None,
                             since: None,
+                            added: now,
                             remote: None,
-                            last_write: Instant::now(),
+                            in_flight: false,
+                            last_write: now,
                             last_write_at: None,
                             last_error: None,
                             generation: self.generation,
@@ -202,96 +332,137 @@ impl<R: Registry> Reconciler<R> {
             touched.push(id);
         }
         self.telemetry.metrics.services.set(self.entries.len() as i64);
-        let agent = AgentInfo::for_services(&self.node, self.entries.values().map(|e| &e.spec));
-        if self.agent.as_ref() != Some(&agent) && !self.stale {
-            self.ensure_agent(agent).await;
+        self.agent = AgentInfo::for_services(&self.node, self.entries.values().map(|e| &*e.spec));
+        if self.agent_synced.as_ref() != Some(&self.agent) {
+            self.sync_due = true;
         }
         for id in touched {
-            self.sync(&id).await;
+            self.sync(&id, true);
+            self.publish(&id);
         }
     }
 
-    async fn apply_health(&mut self, change: HealthChange) {
+    fn apply_health(&mut self, change: HealthChange) {
         let Some(entry) = self.entries.get_mut(&change.id) else { return };
         if entry.generation != change.generation {
             return;
         }
-        entry.critical_since = match change.health.status {
-            Status::Critical => entry.critical_since.or(Some(Instant::now())),
-            Status::Passing => None,
-        };
+        match change.health.status {
+            Status::Critical if entry.critical_since.is_none() => {
+                let now = Instant::now();
+                entry.critical_since = Some(now);
+                self.timers.push(Reverse((now + entry.spec.deregister_critical_after, change.id.clone())));
+            }
+            Status::Critical => {}
+            Status::Passing => entry.critical_since = None,
+        }
         let m = &self.telemetry.metrics;
         m.service_health.get_or_create(&Metrics::service(&change.id)).set(i64::from(change.health.status == Status::Passing));
         m.transition(&change.id, change.health.status.as_str());
         entry.since = Some(SystemTime::now());
         entry.health = Some(change.health);
-        self.sync(&change.id).await;
+        self.sync(&change.id, true);
+        self.publish(&change.id);
     }
 
-    /// What the registry should hold for an entry: `None` = nothing.
-    fn desired_view(&self, entry: &Entry) -> Option<Remote> {
-        let health = entry
-            .health
-            .clone()
-            .or_else(|| entry.remote.as_ref().and_then(|r| r.health.clone()))
-            .unwrap_or_else(|| Health::critical(WAITING));
+    /// Sync the services whose deadlines passed.
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((t, _))) = self.timers.peek() {
+            if *t > now {
+                break;
+            }
+            let Reverse((_, id)) = self.timers.pop().expect("peeked");
+            self.sync(&id, true);
+        }
+    }
+
+    /// What the registry should hold for an entry.
+    fn desired(&self, entry: &Entry) -> Desired {
+        let known = entry.health.clone().or_else(|| entry.remote.as_ref().and_then(|r| r.health.clone()));
+        let health = match known {
+            Some(h) => h,
+            None if entry.added.elapsed() >= entry.spec.check.timeout + FIRST_RESULT_GRACE => Health::critical(WAITING),
+            None => return Desired::Undecided,
+        };
         if health.status == Status::Critical {
-            if !self.registry.keeps_critical() {
-                return None;
+            if !self.view.keeps_critical() {
+                return Desired::Absent;
             }
             if entry.critical_since.is_some_and(|t| t.elapsed() >= entry.spec.deregister_critical_after) {
-                return None;
+                return Desired::Absent;
             }
         }
         // Computed afresh: it may depend on backend state (etcd's lease).
-        Some(Remote { fingerprint: self.registry.fingerprint(&entry.spec), health: Some(health) })
+        Desired::Present { fingerprint: self.view.fingerprint(&entry.spec), health }
     }
 
-    /// Make the registry hold the desired view of one service.
-    async fn sync(&mut self, id: &str) {
+    /// Queue (or un-queue) the write that makes the registry hold the desired
+    /// view of one service. Touches only that service.
+    fn sync(&mut self, id: &str, urgent: bool) {
         if self.stale {
             return;
         }
         let Some(entry) = self.entries.get(id) else { return };
-        let desired = self.desired_view(entry);
-        let name = entry.spec.name.clone();
-        let refresh_due = self.registry.refresh_after().is_some_and(|d| entry.last_write.elapsed() >= d);
-        let op = match (&desired, &entry.remote) {
-            (None, None) => return,
-            (None, Some(_)) => Write::Deregister,
-            (Some(d), None) => Write::Register(d.health.clone().expect("desired health")),
-            (Some(d), Some(r)) if d.fingerprint != r.fingerprint => Write::Register(d.health.clone().expect("desired health")),
-            (Some(d), Some(r)) if d.health != r.health || refresh_due => Write::Health(d.health.clone().expect("desired health")),
-            _ => return,
+        if entry.in_flight {
+            return; // re-synced when the write finishes
+        }
+        let refresh_due = self.view.refresh_after().is_some_and(|d| entry.last_write.elapsed() >= d);
+        let spec = entry.spec.clone();
+        let write = match (self.desired(entry), &entry.remote) {
+            (Desired::Undecided, _) | (Desired::Absent, None) => None,
+            (Desired::Absent, Some(_)) => Some(Write::Deregister { id: id.to_string(), name: spec.name.clone() }),
+            (Desired::Present { health, .. }, None) => Some(Write::Register { spec, health }),
+            (Desired::Present { fingerprint, health }, Some(r)) if fingerprint != r.fingerprint => Some(Write::Register { spec, health }),
+            (Desired::Present { health, .. }, Some(r)) if !same_health(&health, r.health.as_ref()) || refresh_due => {
+                Some(Write::Health { spec, health })
+            }
+            _ => None,
         };
-        self.write(id, name, op).await;
+        match write {
+            Some(w) => {
+                if !urgent {
+                    self.fixes += 1;
+                }
+                self.queue.put(w, urgent);
+            }
+            None => self.queue.remove(id),
+        }
     }
 
-    async fn write(&mut self, id: &str, name: String, op: Write) {
-        let result = match (&op, self.entries.get(id)) {
-            (Write::Deregister, _) => self.registry.deregister(id, &name).await,
-            (Write::Register(h), Some(e)) => self.registry.register(&e.spec, h).await,
-            (Write::Health(h), Some(e)) => self.registry.set_health(&e.spec, h).await,
-            (_, None) => return,
-        };
-        let op_name = op.name();
-        self.count(op_name, &result);
-        let Some(entry) = self.entries.get_mut(id) else {
-            match result {
-                Ok(()) => tracing::info!(service = %id, "deregistered"),
-                Err(e) => self.registry_error(&format!("deregistering removed service {id}"), e),
-            }
-            return;
-        };
-        match result {
-            Ok(()) => {
+    fn on_done(&mut self, done: Done) {
+        self.busy = Busy::Idle;
+        match done {
+            Done::Writes { writes, done, error } => self.on_writes(writes, done, error),
+            Done::Sync(agent, Ok(remote)) => self.on_synced(agent, remote),
+            Done::Sync(_, Err(e)) => self.registry_error("anti-entropy (reading the registry)", e),
+        }
+    }
+
+    fn on_writes(&mut self, writes: Vec<Write>, done: usize, error: Option<RegistryError>) {
+        let mut failed = None;
+        for (i, w) in writes.into_iter().enumerate() {
+            let id = w.id().to_string();
+            let Some(entry) = self.entries.get_mut(&id) else {
+                match (&w, i < done) {
+                    (Write::Deregister { .. }, true) => tracing::info!(service = %id, "deregistered"),
+                    // Its file went while the write was out: remove it now.
+                    (Write::Register { spec, .. } | Write::Health { spec, .. }, true) if !self.stale => {
+                        self.queue.put(Write::Deregister { id: id.clone(), name: spec.name.clone() }, true)
+                    }
+                    _ => {}
+                }
+                continue;
+            };
+            entry.in_flight = false;
+            if i < done {
                 entry.last_write = Instant::now();
                 entry.last_write_at = Some(SystemTime::now());
                 entry.last_error = None;
-                self.telemetry.metrics.service_last_write.get_or_create(&Metrics::service(id)).set(unix_now());
-                match op {
-                    Write::Deregister => {
-                        let why = if self.registry.keeps_critical() {
+                self.telemetry.metrics.service_last_write.get_or_create(&Metrics::service(&id)).set(unix_now());
+                match w {
+                    Write::Deregister { .. } => {
+                        let why = if self.view.keeps_critical() {
                             "critical for longer than deregister_critical_after"
                         } else {
                             "not passing"
@@ -299,248 +470,172 @@ impl<R: Registry> Reconciler<R> {
                         tracing::info!(service = %id, reason = why, "deregistered");
                         entry.remote = None;
                     }
-                    Write::Register(h) => {
-                        tracing::info!(service = %id, status = %h.status, "registered");
-                        entry.remote = Some(Remote { fingerprint: self.registry.fingerprint(&entry.spec), health: Some(h) });
+                    Write::Register { spec, health } => {
+                        tracing::info!(service = %id, status = %health.status, "registered");
+                        entry.remote = Some(Remote { fingerprint: self.view.fingerprint(&spec), health: Some(health) });
                     }
-                    Write::Health(h) => {
-                        tracing::debug!(service = %id, status = %h.status, "health written");
+                    Write::Health { health, .. } => {
+                        tracing::debug!(service = %id, status = %health.status, "health written");
                         if let Some(r) = entry.remote.as_mut() {
-                            r.health = Some(h);
+                            r.health = Some(health);
                         }
                     }
                 }
+            } else if i == done {
+                if let Some(e) = &error {
+                    entry.last_error = Some(e.to_string());
+                    failed = Some((id.clone(), e.clone()));
+                }
             }
-            Err(e) => {
-                entry.last_error = Some(e.to_string());
-                self.registry_error(&format!("writing service {id}"), e);
-            }
+            self.sync(&id, true);
+            self.publish(&id);
+        }
+        if let Some((id, e)) = failed {
+            self.registry_error(&format!("writing service {id}"), e);
         }
     }
 
-    fn count(&self, op: &str, result: &Result<(), RegistryError>) {
-        let m = &self.telemetry.metrics;
-        m.op(op);
-        if let Err(e) = result {
-            m.error(op, e.kind.as_str());
-        }
-    }
-
-    async fn heartbeat(&mut self) {
-        let every = self.agent.as_ref().map_or(Duration::from_secs(5), AgentInfo::heartbeat_every);
-        self.next_heartbeat = Instant::now() + every;
-        let result = self.registry.heartbeat().await;
-        self.count("heartbeat", &result);
-        match result {
-            Ok(()) => self.heartbeat_ok(),
-            Err(e) => self.registry_error("heartbeat", e),
-        }
-    }
-
-    fn heartbeat_ok(&mut self) {
-        self.last_heartbeat = Some(SystemTime::now());
-        self.telemetry.metrics.heartbeat_last.set(unix_now());
-    }
-
-    async fn ensure_agent(&mut self, agent: AgentInfo) -> bool {
-        let result = self.registry.ensure_agent(&agent).await;
-        self.count("ensure_agent", &result);
-        match result {
-            Ok(()) => {
-                self.heartbeat_ok();
-                self.next_heartbeat = Instant::now() + agent.heartbeat_every();
-                self.agent = Some(agent);
-                true
-            }
-            Err(e) => {
-                self.registry_error("registering tether's own liveness", e);
-                false
-            }
-        }
-    }
-
-    /// Re-read the registry and fix every difference.
-    async fn anti_entropy(&mut self) {
-        let agent = AgentInfo::for_services(&self.node, self.entries.values().map(|e| &e.spec));
-        self.stale = true;
-        if !self.ensure_agent(agent).await {
-            return;
-        }
-        let listed = self.registry.list().await;
-        self.count("list", &listed.as_ref().map(drop).map_err(Clone::clone));
-        let remote = match listed {
-            Ok(r) => r,
-            Err(e) => return self.registry_error("listing registered services", e),
-        };
-        let was_retrying = self.retry_delay.take().is_some();
+    /// Anti-entropy read back: adopt the registry's view, then queue fixes.
+    fn on_synced(&mut self, agent: AgentInfo, remote: Vec<RemoteEntry>) {
+        let was_retrying = self.retry.is_retrying();
+        self.retry.reset();
         self.stale = false;
         self.next_anti_entropy = Instant::now() + jitter(ANTI_ENTROPY_EVERY);
+        if self.agent_synced.as_ref() != Some(&agent) {
+            self.lane_agent.send_replace(Some(agent.clone()));
+        }
+        self.agent_synced = Some(agent);
+        if self.agent_synced.as_ref() != Some(&self.agent) {
+            self.sync_due = true; // the services changed meanwhile
+        }
         let mut by_id: HashMap<String, RemoteEntry> = remote.into_iter().map(|r| (r.id.clone(), r)).collect();
         for (id, entry) in self.entries.iter_mut() {
             entry.remote = by_id.remove(id).map(|r| Remote { fingerprint: r.fingerprint, health: r.health });
         }
-        let mut fixes = 0u64;
+        self.queue.clear();
+        self.fixes = 0;
         for orphan in by_id.into_values() {
             tracing::info!(service = %orphan.id, "removing a registration owned by this node that no file describes");
-            fixes += 1;
-            let result = self.registry.deregister(&orphan.id, &orphan.name).await;
-            self.count("deregister", &result);
-            if let Err(e) = result {
-                return self.registry_error("removing an orphaned registration", e);
-            }
+            self.fixes += 1;
+            self.queue.put(Write::Deregister { id: orphan.id, name: orphan.name }, false);
         }
         let ids: Vec<String> = self.entries.keys().cloned().collect();
-        for id in ids {
-            let before = self.entries.get(&id).map(|e| e.remote.clone());
-            self.sync(&id).await;
-            if self.stale {
-                return;
-            }
-            if self.entries.get(&id).map(|e| e.remote.clone()) != before {
-                fixes += 1;
-                // A registry that lost everything gets it back at a capped rate.
-                if fixes > AE_BURST {
-                    tokio::time::sleep(AE_WRITE_SPACING).await;
-                }
-            }
+        for id in &ids {
+            self.sync(id, false);
+            self.publish(id);
         }
         let m = &self.telemetry.metrics;
         m.anti_entropy_runs.inc();
-        m.anti_entropy_fixes.inc_by(fixes);
+        m.anti_entropy_fixes.inc_by(self.fixes);
         if was_retrying {
             m.registry_reconnects.inc();
         }
-        let first = !self.telemetry.is_ready();
-        if first || was_retrying || fixes > 0 {
-            tracing::info!(fixes, services = self.entries.len(), "anti-entropy: registry in sync");
+        if !self.first_sync_done || was_retrying || self.fixes > 0 {
+            tracing::info!(fixes = self.fixes, services = self.entries.len(), "anti-entropy: registry read; fixes queued");
         }
-        {
-            let mut status = self.telemetry.status.lock().expect("status lock");
-            status.backend.last_anti_entropy = Some(rfc3339(SystemTime::now()));
-        }
-        if first {
-            self.telemetry.set_ready();
-            systemd::ready();
-        }
+        self.first_sync_done = true;
+        self.telemetry.with_status(|s| {
+            s.backend.last_anti_entropy = Some(rfc3339(SystemTime::now()));
+            s.backend.connected = true;
+            s.backend.last_error = None;
+        });
     }
 
-    async fn sync_all(&mut self) {
-        let ids: Vec<String> = self.entries.keys().cloned().collect();
-        for id in ids {
-            self.sync(&id).await;
+    fn on_heartbeat_failed(&mut self, e: RegistryError) {
+        if self.stale {
+            tracing::debug!(error = %e, "heartbeat failed while re-reading the registry");
+            return;
         }
-    }
-
-    /// The next time a critical service reaches its deregister deadline.
-    fn next_deadline(&self) -> Option<Instant> {
-        if self.stale || !self.registry.keeps_critical() {
-            return None;
-        }
-        self.entries
-            .values()
-            .filter(|e| e.remote.is_some())
-            .filter_map(|e| e.critical_since.map(|t| t + e.spec.deregister_critical_after))
-            .min()
+        self.registry_error("heartbeat", e);
     }
 
     fn registry_error(&mut self, what: &str, e: RegistryError) {
-        let delay = match self.retry_delay {
-            None => RETRY_FIRST,
-            Some(d) => (d * 2).min(RETRY_CAP),
-        };
-        self.retry_delay = Some(delay);
+        let delay = self.retry.next_delay();
         self.stale = true;
+        self.sync_due = false;
+        self.queue.clear();
         self.next_anti_entropy = Instant::now() + jitter(delay);
         match e.kind {
             ErrorKind::Missing => tracing::warn!(error = %e, "{what}: registry lost tether's records; re-registering"),
             _ => tracing::warn!(error = %e, retry_in = ?delay, "{what} failed"),
         }
-        let mut status = self.telemetry.status.lock().expect("status lock");
-        status.backend.last_error = Some(format!("{}: {what}: {e}", rfc3339(SystemTime::now())));
+        self.telemetry.with_status(|s| {
+            s.backend.connected = false;
+            s.backend.last_error = Some(format!("{}: {what}: {e}", rfc3339(SystemTime::now())));
+        });
     }
 
-    /// Publish the status snapshot.
-    fn publish(&self) {
-        let heartbeat = self.last_heartbeat.map(rfc3339);
-        let services = self
-            .entries
-            .values()
-            .map(|e| ServiceStatus {
-                id: e.spec.id.clone(),
-                name: e.spec.name.clone(),
-                file: e.spec.file.display().to_string(),
-                health: e.health.as_ref().map_or("unknown", |h| h.status.as_str()).to_string(),
-                output: e.health.as_ref().map_or(WAITING.to_string(), |h| h.output.clone()),
-                since: e.since.map(rfc3339),
-                registered: e.remote.is_some(),
-                last_write: e.last_write_at.map(rfc3339),
-                last_heartbeat: e.remote.as_ref().and(heartbeat.clone()),
-                last_error: e.last_error.clone(),
-            })
-            .collect();
-        let mut status = self.telemetry.status.lock().expect("status lock");
-        status.services = services;
-        status.ready = self.telemetry.is_ready();
-        status.backend.connected = !self.stale;
-        status.backend.last_heartbeat = heartbeat;
+    /// Publish one service's status.
+    fn publish(&self, id: &str) {
+        let Some(e) = self.entries.get(id) else { return };
+        let status = ServiceStatus {
+            id: e.spec.id.clone(),
+            name: e.spec.name.clone(),
+            file: e.spec.file.display().to_string(),
+            health: e.health.as_ref().map_or("unknown", |h| h.status.as_str()).to_string(),
+            output: e.health.as_ref().map_or(WAITING.to_string(), |h| h.output.clone()),
+            since: e.since.map(rfc3339),
+            registered: e.remote.is_some(),
+            last_write: e.last_write_at.map(rfc3339),
+            last_heartbeat: None,
+            last_error: e.last_error.clone(),
+        };
+        self.telemetry.set_service(id, Some(status));
     }
 
-    async fn shutdown(mut self) {
+    async fn shutdown(self) {
         systemd::stopping();
-        for entry in self.entries.values() {
+        let Reconciler { entries, probes, work_tx, writer, lane_cancel, lane, deregister_on_shutdown, .. } = self;
+        for entry in entries.values() {
             entry.probe.cancel();
         }
-        self.probes.close();
-        if !self.deregister_on_shutdown {
+        probes.close();
+        lane_cancel.cancel();
+        drop(work_tx);
+        let _ = lane.await;
+        // The writer finishes what it holds, then hands the registry back.
+        let mut registry = match writer.await {
+            Ok(r) => r,
+            Err(e) => return tracing::error!(error = %e, "the registry writer failed; registrations will expire by TTL"),
+        };
+        if !deregister_on_shutdown {
             tracing::info!("shutting down; leaving registrations to expire by TTL (deregister_on_shutdown = false)");
-            let _ = self.registry.shutdown(false).await;
+            let _ = registry.shutdown(false).await;
             return;
         }
-        tracing::info!(services = self.entries.len(), "shutting down; deregistering owned services");
-        let owned: Vec<(String, String)> = match self.registry.list().await {
-            Ok(list) => list.into_iter().map(|r| (r.id, r.name)).collect(),
-            Err(_) => self.entries.values().map(|e| (e.spec.id.clone(), e.spec.name.clone())).collect(),
+        tracing::info!(services = entries.len(), "shutting down; deregistering owned services");
+        let owned: Vec<Write> = match registry.list().await {
+            Ok(list) => list.into_iter().map(|r| Write::Deregister { id: r.id, name: r.name }).collect(),
+            Err(_) => entries.values().map(|e| Write::Deregister { id: e.spec.id.clone(), name: e.spec.name.clone() }).collect(),
         };
-        for (id, name) in owned {
-            if let Err(e) = self.registry.deregister(&id, &name).await {
-                tracing::warn!(service = %id, error = %e, "could not deregister on shutdown; it will expire by TTL");
+        for chunk in owned.chunks(registry.max_batch().max(1)) {
+            if let (_, Some(e)) = registry.apply(chunk).await {
+                tracing::warn!(error = %e, "could not deregister on shutdown; services will expire by TTL");
+                break;
             }
         }
-        if let Err(e) = self.registry.shutdown(true).await {
+        if let Err(e) = registry.shutdown(true).await {
             tracing::warn!(error = %e, "could not remove tether's own registration; it will expire by TTL");
         }
     }
 }
 
-enum Write {
-    Register(Health),
-    Health(Health),
-    Deregister,
+/// Equal for the registry's purposes: a passing record needs no particular
+/// output (Consul takes none at registration); a critical one carries its reason.
+fn same_health(desired: &Health, remote: Option<&Health>) -> bool {
+    remote.is_some_and(|r| r.status == desired.status && (desired.status == Status::Passing || r.output == desired.output))
 }
 
-impl Write {
-    fn name(&self) -> &'static str {
-        match self {
-            Write::Register(_) => "register",
-            Write::Health(_) => "set_health",
-            Write::Deregister => "deregister",
-        }
-    }
-}
-
-fn spawn_probe(
-    tracker: &TaskTracker,
-    id: &str,
-    generation: u64,
-    spec: &ServiceSpec,
-    tx: &mpsc::Sender<HealthChange>,
-    telemetry: &Arc<Telemetry>,
-) -> CancellationToken {
+fn spawn_probe<R: Registry>(r: &Reconciler<R>, id: &str, spec: &ServiceSpec) -> CancellationToken {
     let cancel = CancellationToken::new();
-    tracker.spawn(supervise(id.to_string(), generation, spec.check.clone(), tx.clone(), cancel.clone(), telemetry.clone()));
+    r.probes.spawn(supervise(
+        id.to_string(),
+        r.generation,
+        spec.check.clone(),
+        r.connections.clone(),
+        r.health_tx.clone(),
+        cancel.clone(),
+        r.telemetry.clone(),
+    ));
     cancel
-}
-
-fn jitter(d: Duration) -> Duration {
-    d.mul_f64(rand::rng().random_range(0.8..1.2))
 }

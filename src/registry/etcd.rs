@@ -12,14 +12,19 @@
 //! partition, "lease not found", data wiped) is replaced and every key put back
 //! by the next anti-entropy pass: the lease id is part of each fingerprint.
 
-use super::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry, Result};
+use super::{AgentInfo, ErrorKind, Heartbeat, Registry, RegistryError, RemoteEntry, Result, View, Write};
 use crate::config::agent::{credential_path, read_secret};
 use crate::config::{EtcdConfig, ServiceSpec};
 use crate::health::{Health, Status};
 use backon::{ExponentialBuilder, Retryable};
-use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions};
+use crate::config::tls::Rotation;
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp,
+};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The value gRPC-Go's `naming/endpoints` manager writes and its resolver reads.
@@ -50,19 +55,32 @@ pub struct Metadata {
 
 pub struct Etcd {
     config: EtcdConfig,
-    node: String,
+    view: EtcdView,
     client: Option<Client>,
-    lease: Option<Lease>,
+    /// The TLS files the client was built from.
+    rotation: Option<Rotation>,
+    /// TTL of the current lease (the lease id itself is in the view).
+    lease_ttl: i64,
     /// The key each known id was last written under.
     keys: HashMap<String, String>,
-    /// Modification times of the TLS files the client was built from.
-    tls_stamp: Vec<Option<std::time::SystemTime>>,
 }
 
-struct Lease {
-    id: i64,
-    ttl: i64,
-    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+/// How etcd records are compared; see [`View`]. Shares the current lease id
+/// with the writer and the heartbeat lane (0 = none).
+#[derive(Debug, Clone)]
+pub struct EtcdView {
+    prefix: String,
+    node: String,
+    lease: Arc<AtomicI64>,
+}
+
+/// The lease keepalive on its own connection.
+pub struct EtcdLane {
+    config: EtcdConfig,
+    lease: Arc<AtomicI64>,
+    client: Option<Client>,
+    rotation: Option<Rotation>,
+    keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
 }
 
 fn err(e: etcd_client::Error) -> RegistryError {
@@ -103,55 +121,64 @@ fn ttl_secs(d: Duration) -> i64 {
     (d.as_secs_f64().ceil() as i64).max(2)
 }
 
-impl Etcd {
-    pub fn new(config: EtcdConfig, node: &str) -> Self {
-        Etcd { config, node: node.to_string(), client: None, lease: None, keys: HashMap::new(), tls_stamp: vec![] }
+/// A new connection to the cluster (connect timeouts, HTTP/2 keepalive,
+/// require-leader, auth with token refresh, TLS).
+async fn connect(config: &EtcdConfig) -> Result<Client> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+        .with_tcp_keepalive(Duration::from_secs(10))
+        .with_require_leader(true);
+    if let Some(user) = &config.username {
+        let file = config.password_file.clone().or_else(|| credential_path("etcd.password")).ok_or_else(|| {
+            RegistryError::new(ErrorKind::Rejected, "etcd username is set but there is no password_file and no etcd.password credential")
+        })?;
+        let password = read_secret(&file).map_err(|e| RegistryError::new(ErrorKind::Rejected, e.to_string()))?;
+        opts = opts.with_user(user.clone(), password).with_auto_token_refresh(true);
     }
+    let tls = &config.tls;
+    if tls.is_set() || config.endpoints.iter().any(|e| e.starts_with("https://")) {
+        let pem = tls.load().map_err(|e| RegistryError::new(ErrorKind::Rejected, format!("etcd TLS: {e}")))?;
+        let mut t = TlsOptions::new();
+        t = match pem.ca {
+            Some(ca) => t.ca_certificate(Certificate::from_pem(ca)),
+            None => t.with_webpki_roots(),
+        };
+        if let Some((cert, key)) = pem.identity {
+            t = t.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = &tls.server_name {
+            t = t.domain_name(name.clone());
+        }
+        opts = opts.with_tls(t);
+    }
+    Client::connect(&config.endpoints, Some(opts)).await.map_err(err)
+}
 
+/// The cached client, or a new one; a new one also when TLS files rotated.
+async fn client_of(config: &EtcdConfig, client: &mut Option<Client>, rotation: &mut Option<Rotation>, who: &str) -> Result<Client> {
+    if client.is_some() && config.tls.is_set() && rotation.as_ref().is_some_and(|r| r.changed(&config.tls)) {
+        tracing::info!("etcd TLS files changed; {who} reconnects with them");
+        *client = None;
+    }
+    if let Some(c) = client {
+        return Ok(c.clone());
+    }
+    let stamp = Rotation::new(&config.tls);
+    let c = connect(config).await?;
+    *rotation = Some(stamp);
+    *client = Some(c.clone());
+    Ok(c)
+}
+
+impl EtcdView {
     pub fn key(&self, name: &str, id: &str) -> String {
-        format!("{}/{}/{}", self.config.prefix, name, id)
+        format!("{}/{}/{}", self.prefix, name, id)
     }
 
-    async fn client(&mut self) -> Result<Client> {
-        if let Some(c) = &self.client {
-            return Ok(c.clone());
-        }
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-            .with_tcp_keepalive(Duration::from_secs(10))
-            .with_require_leader(true);
-        if let Some(user) = &self.config.username {
-            let file = self.config.password_file.clone().or_else(|| credential_path("etcd.password")).ok_or_else(|| {
-                RegistryError::new(
-                    ErrorKind::Rejected,
-                    "etcd username is set but there is no password_file and no etcd.password credential",
-                )
-            })?;
-            let password = read_secret(&file).map_err(|e| RegistryError::new(ErrorKind::Rejected, e.to_string()))?;
-            opts = opts.with_user(user.clone(), password).with_auto_token_refresh(true);
-        }
-        let tls = &self.config.tls;
-        if tls.is_set() || self.config.endpoints.iter().any(|e| e.starts_with("https://")) {
-            let pem = tls.load().map_err(|e| RegistryError::new(ErrorKind::Rejected, format!("etcd TLS: {e}")))?;
-            let mut t = TlsOptions::new();
-            t = match pem.ca {
-                Some(ca) => t.ca_certificate(Certificate::from_pem(ca)),
-                None => t.with_webpki_roots(),
-            };
-            if let Some((cert, key)) = pem.identity {
-                t = t.identity(Identity::from_pem(cert, key));
-            }
-            if let Some(name) = &tls.server_name {
-                t = t.domain_name(name.clone());
-            }
-            opts = opts.with_tls(t);
-        }
-        self.tls_stamp = tls.stamp();
-        let client = Client::connect(&self.config.endpoints, Some(opts)).await.map_err(err)?;
-        self.client = Some(client.clone());
-        Ok(client)
+    fn lease_id(&self) -> i64 {
+        self.lease.load(Ordering::Relaxed)
     }
 
     fn value(&self, spec: &ServiceSpec, health: &str) -> EndpointUpdate {
@@ -169,9 +196,20 @@ impl Etcd {
             },
         }
     }
+}
 
-    fn lease_id(&self) -> i64 {
-        self.lease.as_ref().map_or(0, |l| l.id)
+impl Etcd {
+    pub fn new(config: EtcdConfig, node: &str) -> Self {
+        let view = EtcdView { prefix: config.prefix.clone(), node: node.to_string(), lease: Arc::new(AtomicI64::new(0)) };
+        Etcd { config, view, client: None, rotation: None, lease_ttl: 0, keys: HashMap::new() }
+    }
+
+    pub fn key(&self, name: &str, id: &str) -> String {
+        self.view.key(name, id)
+    }
+
+    async fn client(&mut self) -> Result<Client> {
+        client_of(&self.config, &mut self.client, &mut self.rotation, "the writer").await
     }
 
     /// Everything under `<prefix>/` that names this node, with its lease.
@@ -193,46 +231,87 @@ impl Etcd {
             .filter_map(|kv| {
                 let v: EndpointUpdate = serde_json::from_slice(kv.value()).ok()?;
                 let key = kv.key_str().ok()?.to_string();
-                (v.metadata.managed_by == "tether" && v.metadata.node == self.node).then_some((key, v, kv.lease()))
+                (v.metadata.managed_by == "tether" && v.metadata.node == self.view.node).then_some((key, v, kv.lease()))
             })
             .collect())
     }
 
-    async fn put(&mut self, key: String, value: &EndpointUpdate) -> Result<()> {
-        let client = self.client().await?;
-        let lease = self.lease_id();
-        if lease == 0 {
-            return Err(RegistryError::new(ErrorKind::Missing, "etcd: no lease yet"));
+    /// Adopt a still-live lease of a previous run (one look-up per distinct
+    /// lease among the keys, normally one), or grant a new one.
+    async fn ensure_lease(&mut self, ttl: i64, owned: &[(String, EndpointUpdate, i64)]) -> Result<()> {
+        if self.view.lease_id() != 0 && self.lease_ttl == ttl {
+            return Ok(());
         }
-        let body = serde_json::to_string(value).expect("serializable");
-        (|| {
-            let mut c = client.clone();
-            let (k, v) = (key.clone(), body.clone());
-            async move { c.put(k, v, Some(PutOptions::new().with_lease(lease))).await }
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await
-        .map_err(err)?;
+        let mut client = self.client().await?;
+        if self.view.lease_id() == 0 {
+            let leases: BTreeSet<i64> = owned.iter().map(|(_, _, l)| *l).filter(|l| *l != 0).collect();
+            for lease_id in leases {
+                let ttl_resp = client.lease_time_to_live(lease_id, None).await.map_err(err)?;
+                if ttl_resp.ttl() > 0 && ttl_resp.granted_ttl() == ttl {
+                    tracing::info!(lease = lease_id, ttl, "adopted tether's existing etcd lease");
+                    self.view.lease.store(lease_id, Ordering::Relaxed);
+                    self.lease_ttl = ttl;
+                    return Ok(());
+                }
+            }
+        }
+        let granted = client.lease_grant(ttl, None).await.map_err(err)?;
+        tracing::info!(lease = granted.id(), ttl, "granted a new etcd lease");
+        // Keys still on an old lease are moved by anti-entropy (the lease id is
+        // part of every fingerprint); the old lease then expires unused.
+        self.view.lease.store(granted.id(), Ordering::Relaxed);
+        self.lease_ttl = ttl;
         Ok(())
     }
 
-    async fn delete(&mut self, key: String) -> Result<()> {
-        let client = self.client().await?;
-        (|| {
-            let mut c = client.clone();
-            let k = key.clone();
-            async move { c.delete(k, None).await }
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await
-        .map_err(err)?;
-        Ok(())
+    fn entries(&mut self, owned: Vec<(String, EndpointUpdate, i64)>) -> Vec<RemoteEntry> {
+        self.keys.clear();
+        owned
+            .into_iter()
+            .map(|(key, v, lease)| {
+                let health = Health::passing(v.metadata.health.clone());
+                let mut bare = v.clone();
+                bare.metadata.health = String::new();
+                let fingerprint = format!("{key}|{}|lease:{lease}", serde_json::to_string(&bare).expect("serializable"));
+                self.keys.insert(v.metadata.id.clone(), key);
+                RemoteEntry { id: v.metadata.id, name: v.metadata.name, fingerprint, health: Some(health) }
+            })
+            .collect()
+    }
+
+    /// The transaction operations of one write, and the key it leaves behind.
+    fn ops(&self, w: &Write, lease: i64) -> (Vec<TxnOp>, Option<String>) {
+        let mut ops = Vec::new();
+        let (id, key, put) = match w {
+            Write::Register { spec, health } | Write::Health { spec, health } => {
+                let key = self.key(&spec.name, &spec.id);
+                let put = (health.status == Status::Passing).then(|| self.view.value(spec, &health.output));
+                (spec.id.as_str(), key, put)
+            }
+            Write::Deregister { id, name } => (id.as_str(), self.keys.get(id).cloned().unwrap_or_else(|| self.key(name, id)), None),
+        };
+        if let Some(old) = self.keys.get(id).filter(|k| **k != key) {
+            ops.push(TxnOp::delete(old.clone(), None));
+        }
+        match put {
+            Some(v) => {
+                let body = serde_json::to_string(&v).expect("serializable");
+                ops.push(TxnOp::put(key.clone(), body, Some(PutOptions::new().with_lease(lease))));
+                (ops, Some(key))
+            }
+            None => {
+                ops.push(TxnOp::delete(key, None));
+                (ops, None)
+            }
+        }
     }
 }
 
-impl Registry for Etcd {
+/// Writes per transaction: at most two operations each, within etcd's
+/// default limit of 128 operations per transaction.
+const MAX_BATCH: usize = 64;
+
+impl View for EtcdView {
     fn keeps_critical(&self) -> bool {
         false
     }
@@ -245,73 +324,43 @@ impl Registry for Etcd {
     fn refresh_after(&self) -> Option<Duration> {
         None
     }
+}
 
-    async fn ensure_agent(&mut self, agent: &AgentInfo) -> Result<()> {
-        if self.client.is_some() && self.config.tls.is_set() && self.config.tls.stamp() != self.tls_stamp {
-            tracing::info!("etcd TLS files changed; reconnecting with them");
-            self.client = None;
-            if let Some(lease) = self.lease.as_mut() {
-                lease.keeper = None;
-            }
-        }
-        let ttl = ttl_secs(agent.ttl);
-        if self.lease.as_ref().is_some_and(|l| l.ttl == ttl) {
-            return self.heartbeat().await;
-        }
-        let mut client = self.client().await?;
-        if self.lease.is_none() {
-            // A restarted tether adopts its previous lease while it lives.
-            let owned = self.owned().await?;
-            for lease_id in owned.iter().map(|(_, _, l)| *l).filter(|l| *l != 0) {
-                let ttl_resp = client.lease_time_to_live(lease_id, None).await.map_err(err)?;
-                if ttl_resp.ttl() > 0 && ttl_resp.granted_ttl() == ttl {
-                    tracing::info!(lease = lease_id, ttl, "adopted tether's existing etcd lease");
-                    self.lease = Some(Lease { id: lease_id, ttl, keeper: None });
-                    return self.heartbeat().await;
-                }
-            }
-        }
-        let granted = client.lease_grant(ttl, None).await.map_err(err)?;
-        tracing::info!(lease = granted.id(), ttl, "granted a new etcd lease");
-        // Keys still on an old lease are moved by anti-entropy (the lease id is
-        // part of every fingerprint); the old lease then expires unused.
-        self.lease = Some(Lease { id: granted.id(), ttl, keeper: None });
-        self.heartbeat().await
-    }
-
-    async fn heartbeat(&mut self) -> Result<()> {
-        let mut client = self.client().await?;
-        let Some(lease) = self.lease.as_mut() else {
+impl Heartbeat for EtcdLane {
+    async fn beat(&mut self) -> Result<()> {
+        let lease = self.lease.load(Ordering::Relaxed);
+        if lease == 0 {
             return Err(RegistryError::new(ErrorKind::Missing, "etcd: no lease yet"));
-        };
+        }
+        if self.keeper.as_ref().is_some_and(|(id, _, _)| *id != lease) {
+            self.keeper = None;
+        }
+        let rotated = self.rotation.as_ref().is_some_and(|r| r.changed(&self.config.tls));
+        let mut client = client_of(&self.config, &mut self.client, &mut self.rotation, "the heartbeat").await?;
+        if rotated {
+            self.keeper = None;
+        }
         for attempt in 0..2 {
-            if lease.keeper.is_none() {
-                match client.lease_keep_alive(lease.id).await.map_err(err) {
-                    Ok(k) => lease.keeper = Some(k),
-                    Err(e) => {
-                        if e.kind == ErrorKind::Missing {
-                            self.lease = None;
-                        }
-                        return Err(e);
-                    }
-                }
+            if self.keeper.is_none() {
+                let (keeper, stream) = client.lease_keep_alive(lease).await.map_err(err)?;
+                self.keeper = Some((lease, keeper, stream));
             }
-            let (keeper, stream) = lease.keeper.as_mut().expect("keeper");
-            let sent = keeper.keep_alive().await;
-            let answer = match sent {
+            let (_, keeper, stream) = self.keeper.as_mut().expect("keeper");
+            let answer = match keeper.keep_alive().await {
                 Ok(()) => tokio::time::timeout(Duration::from_secs(3), stream.message()).await,
                 Err(e) => Ok(Err(e)),
             };
             match answer {
                 Ok(Ok(Some(resp))) if resp.ttl() > 0 => return Ok(()),
                 Ok(Ok(Some(_))) => {
-                    let id = lease.id;
-                    self.lease = None;
-                    return Err(RegistryError::new(ErrorKind::Missing, format!("etcd: lease {id:x} not found (expired or data lost)")));
+                    self.keeper = None;
+                    // Only forget the lease if the writer has not replaced it meanwhile.
+                    let _ = self.lease.compare_exchange(lease, 0, Ordering::Relaxed, Ordering::Relaxed);
+                    return Err(RegistryError::new(ErrorKind::Missing, format!("etcd: lease {lease:x} not found (expired or data lost)")));
                 }
                 // The stream closed or failed (e.g. its member died): re-open it once.
                 other => {
-                    lease.keeper = None;
+                    self.keeper = None;
                     if attempt == 1 {
                         let why = match other {
                             Ok(Err(e)) => e.to_string(),
@@ -326,56 +375,88 @@ impl Registry for Etcd {
         }
         unreachable!()
     }
+}
+
+impl Registry for Etcd {
+    type View = EtcdView;
+    type Lane = EtcdLane;
+
+    fn view(&self) -> EtcdView {
+        self.view.clone()
+    }
+
+    fn lane(&self) -> Result<EtcdLane> {
+        Ok(EtcdLane { config: self.config.clone(), lease: self.view.lease.clone(), client: None, rotation: None, keeper: None })
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
+
+    async fn sync_agent(&mut self, agent: &AgentInfo) -> Result<Vec<RemoteEntry>> {
+        let owned = self.owned().await?;
+        self.ensure_lease(ttl_secs(agent.ttl), &owned).await?;
+        Ok(self.entries(owned))
+    }
 
     async fn list(&mut self) -> Result<Vec<RemoteEntry>> {
         let owned = self.owned().await?;
-        self.keys.clear();
-        Ok(owned
-            .into_iter()
-            .map(|(key, v, lease)| {
-                let health = Health::passing(v.metadata.health.clone());
-                let mut bare = v.clone();
-                bare.metadata.health = String::new();
-                let fingerprint = format!("{key}|{}|lease:{lease}", serde_json::to_string(&bare).expect("serializable"));
-                self.keys.insert(v.metadata.id.clone(), key);
-                RemoteEntry { id: v.metadata.id, name: v.metadata.name, fingerprint, health: Some(health) }
-            })
-            .collect())
+        Ok(self.entries(owned))
     }
 
-    async fn register(&mut self, spec: &ServiceSpec, health: &Health) -> Result<()> {
-        self.set_health(spec, health).await
-    }
-
-    async fn set_health(&mut self, spec: &ServiceSpec, health: &Health) -> Result<()> {
-        let key = self.key(&spec.name, &spec.id);
-        if let Some(old) = self.keys.get(&spec.id).filter(|k| **k != key).cloned() {
-            self.delete(old).await?;
+    async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
+        let lease = self.view.lease_id();
+        if lease == 0 && writes.iter().any(|w| matches!(w, Write::Register { health, .. } | Write::Health { health, .. } if health.status == Status::Passing)) {
+            return (0, Some(RegistryError::new(ErrorKind::Missing, "etcd: no lease yet")));
         }
-        match health.status {
-            Status::Passing => {
-                let value = self.value(spec, &health.output);
-                self.put(key.clone(), &value).await?;
-                self.keys.insert(spec.id.clone(), key);
+        let client = match self.client().await {
+            Ok(c) => c,
+            Err(e) => return (0, Some(e)),
+        };
+        let mut ops = Vec::new();
+        let mut left = Vec::new();
+        for w in writes {
+            let (o, key) = self.ops(w, lease);
+            ops.extend(o);
+            left.push((w.id().to_string(), key));
+        }
+        // Puts and deletes are idempotent: the whole transaction may be retried.
+        let result = (|| {
+            let mut c = client.clone();
+            let txn = Txn::new().and_then(ops.clone());
+            async move { c.txn(txn).await }
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await;
+        match result {
+            Ok(_) => {
+                for (id, key) in left {
+                    match key {
+                        Some(k) => self.keys.insert(id, k),
+                        None => self.keys.remove(&id),
+                    };
+                }
+                (writes.len(), None)
             }
-            Status::Critical => {
-                self.delete(key).await?;
-                self.keys.remove(&spec.id);
+            Err(e) => {
+                let e = err(e);
+                if e.kind == ErrorKind::Missing {
+                    // The lease is gone (expired, or the data was wiped): the
+                    // next anti-entropy pass grants a new one.
+                    let _ = self.view.lease.compare_exchange(lease, 0, Ordering::Relaxed, Ordering::Relaxed);
+                }
+                (0, Some(e))
             }
         }
-        Ok(())
-    }
-
-    async fn deregister(&mut self, id: &str, name: &str) -> Result<()> {
-        let key = self.keys.remove(id).unwrap_or_else(|| self.key(name, id));
-        self.delete(key).await
     }
 
     async fn shutdown(&mut self, deregister: bool) -> Result<()> {
-        if deregister {
-            if let (Some(lease), Ok(mut client)) = (self.lease.take(), self.client().await) {
-                client.lease_revoke(lease.id).await.map_err(err)?;
-            }
+        let lease = self.view.lease_id();
+        if deregister && lease != 0 {
+            let mut client = self.client().await?;
+            client.lease_revoke(lease).await.map_err(err)?;
+            self.view.lease.store(0, Ordering::Relaxed);
         }
         Ok(())
     }

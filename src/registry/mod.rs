@@ -7,6 +7,7 @@ pub mod etcd;
 use crate::config::ServiceSpec;
 use crate::health::Health;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What the agent itself needs from the registry, derived from all services.
@@ -81,8 +82,39 @@ impl RegistryError {
 
 pub type Result<T> = std::result::Result<T, RegistryError>;
 
-/// A registry as the reconciler sees it.
-pub trait Registry: Send + 'static {
+/// One registry write, as queued by the reconciler and done by its writer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// Write the whole record with this health.
+    Register { spec: Arc<ServiceSpec>, health: Health },
+    /// Change only the health of a record the registry holds.
+    Health { spec: Arc<ServiceSpec>, health: Health },
+    /// Remove the record.
+    Deregister { id: String, name: String },
+}
+
+impl Write {
+    pub fn id(&self) -> &str {
+        match self {
+            Write::Register { spec, .. } | Write::Health { spec, .. } => &spec.id,
+            Write::Deregister { id, .. } => id,
+        }
+    }
+
+    /// The operation's name in metrics and logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Write::Register { .. } => "register",
+            Write::Health { .. } => "set_health",
+            Write::Deregister { .. } => "deregister",
+        }
+    }
+}
+
+/// What the reconciler needs to know of a backend without doing I/O: how to
+/// compare records. Cheap to clone; may read state shared with the backend
+/// (etcd's current lease).
+pub trait View: Clone + Send + Sync + 'static {
     /// Whether critical services stay registered (Consul) or are removed (etcd).
     fn keeps_critical(&self) -> bool;
 
@@ -93,24 +125,40 @@ pub trait Registry: Send + 'static {
     /// Re-send a record's health after this long even if unchanged (Consul's
     /// long-TTL health checks), or never.
     fn refresh_after(&self) -> Option<Duration>;
+}
+
+/// tether's liveness, on its own connection to the registry: nothing queued
+/// for the writer can delay it.
+pub trait Heartbeat: Send + 'static {
+    /// Tell the registry tether is alive.
+    fn beat(&mut self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// A registry as the reconciler's writer sees it. Only the writer task calls
+/// these (and the shutdown path, after the writer stopped).
+pub trait Registry: Send + 'static {
+    type View: View;
+    type Lane: Heartbeat;
+
+    fn view(&self) -> Self::View;
+
+    /// A heartbeat lane with its own connection.
+    fn lane(&self) -> Result<Self::Lane>;
+
+    /// The most writes [`Registry::apply`] takes at once.
+    fn max_batch(&self) -> usize;
 
     /// Make sure tether's own presence (Consul: its service and liveness
-    /// check; etcd: its lease) exists and matches `agent`.
-    fn ensure_agent(&mut self, agent: &AgentInfo) -> impl Future<Output = Result<()>> + Send;
-
-    /// Tell the registry tether is alive.
-    fn heartbeat(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// check; etcd: its lease) matches `agent`, and list every service owned
+    /// by this node: one read of the registry.
+    fn sync_agent(&mut self, agent: &AgentInfo) -> impl Future<Output = Result<Vec<RemoteEntry>>> + Send;
 
     /// Every service owned by this node.
     fn list(&mut self) -> impl Future<Output = Result<Vec<RemoteEntry>>> + Send;
 
-    /// Write the whole record with this health.
-    fn register(&mut self, spec: &ServiceSpec, health: &Health) -> impl Future<Output = Result<()>> + Send;
-
-    /// Change only the health of a record the registry holds.
-    fn set_health(&mut self, spec: &ServiceSpec, health: &Health) -> impl Future<Output = Result<()>> + Send;
-
-    fn deregister(&mut self, id: &str, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Do `writes` in order, stopping at the first failure: how many were
+    /// done, and the failure if any.
+    fn apply(&mut self, writes: &[Write]) -> impl Future<Output = (usize, Option<RegistryError>)> + Send;
 
     /// Tether is stopping: remove its own presence when `deregister`, else
     /// leave it to expire.

@@ -52,7 +52,7 @@ fn route(t: &Telemetry, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" if t.is_ready() => reply(StatusCode::OK, "text/plain", "ready\n".into()),
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "first reconcile not done\n".into()),
         "/v1/status" => {
-            let status = t.status.lock().expect("status lock").clone();
+            let status = t.snapshot();
             reply(StatusCode::OK, "application/json", serde_json::to_string_pretty(&status).expect("serializable") + "\n")
         }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz, /readyz, /v1/status\n".into()),

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub check_duration: Family<Labels, Histogram, LatencyBuckets>,
     pub service_last_write: Family<Labels, Gauge<f64, AtomicU64>>,
     pub heartbeat_last: Gauge<f64, AtomicU64>,
+    pub heartbeat_late: Counter,
+    pub heartbeat_seconds: Histogram,
+    pub write_queue: Gauge,
     pub registry_ops: Family<Labels, Counter>,
     pub registry_errors: Family<Labels, Counter>,
     pub registry_reconnects: Counter,
@@ -54,6 +57,9 @@ impl Metrics {
             check_duration: Family::new_with_constructor(LatencyBuckets),
             service_last_write: Family::default(),
             heartbeat_last: Gauge::default(),
+            heartbeat_late: Counter::default(),
+            heartbeat_seconds: Histogram::new([0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            write_queue: Gauge::default(),
             registry_ops: Family::default(),
             registry_errors: Family::default(),
             registry_reconnects: Counter::default(),
@@ -76,6 +82,13 @@ impl Metrics {
             "Unix time of tether's last successful liveness heartbeat",
             m.heartbeat_last.clone(),
         );
+        registry.register(
+            "heartbeat_late",
+            "Liveness heartbeats that went out (or came back) later than a third of the TTL after the previous success",
+            m.heartbeat_late.clone(),
+        );
+        registry.register("heartbeat_duration_seconds", "Round trips of liveness heartbeats", m.heartbeat_seconds.clone());
+        registry.register("write_queue", "Registry writes waiting for the writer", m.write_queue.clone());
         registry.register("registry_operations", "Registry operations by backend and kind", m.registry_ops.clone());
         registry.register("registry_errors", "Failed registry operations by backend, operation and error kind", m.registry_errors.clone());
         registry.register(

@@ -13,10 +13,10 @@
 
 pub mod client;
 
-use super::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry, Result};
+use super::{AgentInfo, ErrorKind, Heartbeat, Registry, RegistryError, RemoteEntry, Result, View, Write};
 use crate::config::agent::read_secret;
 use crate::config::duration::go;
-use crate::config::tls::TlsConfig;
+use crate::config::tls::{Rotation, TlsConfig};
 use crate::config::ServiceSpec;
 use crate::health::{Health, Status};
 use client::{AgentCheck, AgentService, CheckDefinition, ConsulClient, ConsulError, ServiceRegistration};
@@ -45,59 +45,36 @@ pub fn liveness_check_id(node: &str) -> String {
     format!("tether-liveness:{node}")
 }
 
-pub struct Consul {
+/// A connection to the Consul agent and its credentials: the ACL token is
+/// re-read when its file changes, the HTTP client rebuilt when TLS files
+/// rotate. The writer and the heartbeat lane each have their own.
+struct Conn {
     client: ConsulClient,
-    node: String,
-    agent: Option<AgentInfo>,
-    /// Where the ACL token comes from; re-read when the file changes.
-    token_file: Option<PathBuf>,
-    token_stamp: Option<(SystemTime, u64)>,
-    /// Where the client came from, to rebuild it when TLS files rotate.
     address: String,
     tls: TlsConfig,
-    tls_stamp: Vec<Option<SystemTime>>,
+    rotation: Rotation,
+    token_file: Option<PathBuf>,
+    token_stamp: Option<(SystemTime, u64)>,
 }
 
-impl Consul {
-    pub fn new(address: &str, tls: TlsConfig, node: &str) -> std::result::Result<Self, String> {
+impl Conn {
+    fn new(address: &str, tls: TlsConfig, token_file: Option<PathBuf>) -> std::result::Result<Self, String> {
         let client = ConsulClient::new(address, None, &tls)?;
-        let tls_stamp = tls.stamp();
-        Ok(Consul {
-            client,
-            node: node.to_string(),
-            agent: None,
-            token_file: None,
-            token_stamp: None,
-            address: address.to_string(),
-            tls,
-            tls_stamp,
-        })
+        let rotation = Rotation::new(&tls);
+        Ok(Conn { client, address: address.to_string(), tls, rotation, token_file, token_stamp: None })
     }
 
-    /// Rebuild the HTTP client when the TLS files changed (rotation).
-    fn refresh_tls(&mut self) -> Result<()> {
-        let stamp = self.tls.stamp();
-        if stamp == self.tls_stamp {
-            return Ok(());
+    /// Pick up rotated TLS files and a changed token file (checked before
+    /// every heartbeat and anti-entropy pass), so neither needs a restart.
+    fn refresh(&mut self) -> Result<()> {
+        if self.rotation.changed(&self.tls) {
+            let rotation = Rotation::new(&self.tls);
+            let client = ConsulClient::new(&self.address, self.client.token(), &self.tls)
+                .map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
+            tracing::info!("Consul TLS files changed; reconnecting with them");
+            self.client = client;
+            self.rotation = rotation;
         }
-        let client =
-            ConsulClient::new(&self.address, self.client.token(), &self.tls).map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
-        tracing::info!("Consul TLS files changed; reconnecting with them");
-        self.client = client;
-        self.tls_stamp = stamp;
-        Ok(())
-    }
-
-    /// Read the ACL token from `path` now and again whenever the file changes
-    /// (checked at every heartbeat), so a rotated token needs no restart.
-    pub fn with_token_file(mut self, path: PathBuf) -> Result<Self> {
-        self.token_file = Some(path);
-        self.refresh_token()?;
-        Ok(self)
-    }
-
-    fn refresh_token(&mut self) -> Result<()> {
-        self.refresh_tls()?;
         let Some(path) = &self.token_file else { return Ok(()) };
         let stamp = std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
         if stamp.is_none() || stamp == self.token_stamp {
@@ -111,7 +88,125 @@ impl Consul {
         self.token_stamp = stamp;
         Ok(())
     }
+}
 
+pub struct Consul {
+    conn: Conn,
+    view: ConsulView,
+}
+
+/// How Consul records are compared; see [`View`].
+#[derive(Debug, Clone)]
+pub struct ConsulView {
+    node: String,
+}
+
+/// tether's liveness heartbeat on its own connection.
+pub struct ConsulLane {
+    conn: Conn,
+    check_id: String,
+}
+
+impl Consul {
+    pub fn new(address: &str, tls: TlsConfig, node: &str) -> std::result::Result<Self, String> {
+        Ok(Consul { conn: Conn::new(address, tls, None)?, view: ConsulView { node: node.to_string() } })
+    }
+
+    /// Read the ACL token from `path` now and again whenever the file changes,
+    /// so a rotated token needs no restart.
+    pub fn with_token_file(mut self, path: PathBuf) -> Result<Self> {
+        self.conn.token_file = Some(path);
+        self.conn.refresh()?;
+        Ok(self)
+    }
+
+    fn node(&self) -> &str {
+        &self.view.node
+    }
+
+    /// This node's services among the agent's, with their checks.
+    fn owned_entries(&self, services: HashMap<String, AgentService>, checks: &HashMap<String, AgentCheck>) -> Vec<RemoteEntry> {
+        let agent_id = agent_service_id(self.node());
+        services
+            .into_values()
+            .filter(|s| s.id != agent_id && self.view.owned(&s.meta))
+            .map(|s| {
+                let health = checks.get(&health_check_id(&s.id));
+                let alias = checks.contains_key(&alias_check_id(&s.id));
+                let fingerprint = fingerprint_of(
+                    &s.service,
+                    &s.address,
+                    s.port,
+                    s.tags.as_deref().unwrap_or(&[]),
+                    s.meta.as_ref().unwrap_or(&BTreeMap::new()),
+                    health.map(|c| c.notes.as_str()),
+                    alias,
+                );
+                RemoteEntry { id: s.id, name: s.service, fingerprint, health: health.map(health_of) }
+            })
+            .collect()
+    }
+
+    fn agent_meta(&self, agent: &AgentInfo) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (META_MANAGED_BY.to_string(), "tether".to_string()),
+            (META_NODE.to_string(), self.node().to_string()),
+            ("tether-ttl".to_string(), go(agent.ttl)),
+            ("tether-deregister-after".to_string(), go(agent.deregister_after)),
+            ("tether-version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ])
+    }
+
+    fn registration(&self, spec: &ServiceSpec, health: &Health) -> ServiceRegistration {
+        let dereg = Some(go(spec.deregister_critical_after));
+        ServiceRegistration {
+            id: spec.id.clone(),
+            name: spec.name.clone(),
+            address: spec.address.clone(),
+            port: spec.port,
+            tags: spec.tags.clone(),
+            meta: self.view.meta(spec),
+            checks: vec![
+                CheckDefinition {
+                    check_id: health_check_id(&spec.id),
+                    name: "gRPC health (tether)".into(),
+                    notes: Some(ConsulView::notes(spec)),
+                    ttl: Some(go(HEALTH_TTL)),
+                    status: Some(health.status.as_str().into()),
+                    deregister_critical_service_after: dereg.clone(),
+                    ..Default::default()
+                },
+                CheckDefinition {
+                    check_id: alias_check_id(&spec.id),
+                    name: "tether agent alive".into(),
+                    alias_service: Some(agent_service_id(self.node())),
+                    deregister_critical_service_after: dereg,
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
+    async fn write(&self, w: &Write) -> std::result::Result<(), ConsulError> {
+        let client = &self.conn.client;
+        match w {
+            Write::Register { spec, health } => {
+                client.register_service(&self.registration(spec, health)).await?;
+                // Consul 1.8 takes no Output at registration. A passing
+                // service is fine without one (one write per new service); a
+                // critical one gets its reason.
+                if health.status == Status::Critical {
+                    client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await?;
+                }
+                Ok(())
+            }
+            Write::Health { spec, health } => client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await,
+            Write::Deregister { id, .. } => client.deregister_service(id).await,
+        }
+    }
+}
+
+impl ConsulView {
     fn owned(&self, meta: &Option<BTreeMap<String, String>>) -> bool {
         meta.as_ref().is_some_and(|m| m.get(META_MANAGED_BY).map(String::as_str) == Some("tether") && m.get(META_NODE) == Some(&self.node))
     }
@@ -133,46 +228,6 @@ impl Consul {
             spec.check.service,
             go(spec.deregister_critical_after)
         )
-    }
-
-    fn agent_meta(&self, agent: &AgentInfo) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (META_MANAGED_BY.to_string(), "tether".to_string()),
-            (META_NODE.to_string(), self.node.clone()),
-            ("tether-ttl".to_string(), go(agent.ttl)),
-            ("tether-deregister-after".to_string(), go(agent.deregister_after)),
-            ("tether-version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ])
-    }
-
-    fn registration(&self, spec: &ServiceSpec, health: &Health) -> ServiceRegistration {
-        let dereg = Some(go(spec.deregister_critical_after));
-        ServiceRegistration {
-            id: spec.id.clone(),
-            name: spec.name.clone(),
-            address: spec.address.clone(),
-            port: spec.port,
-            tags: spec.tags.clone(),
-            meta: self.meta(spec),
-            checks: vec![
-                CheckDefinition {
-                    check_id: health_check_id(&spec.id),
-                    name: "gRPC health (tether)".into(),
-                    notes: Some(Self::notes(spec)),
-                    ttl: Some(go(HEALTH_TTL)),
-                    status: Some(health.status.as_str().into()),
-                    deregister_critical_service_after: dereg.clone(),
-                    ..Default::default()
-                },
-                CheckDefinition {
-                    check_id: alias_check_id(&spec.id),
-                    name: "tether agent alive".into(),
-                    alias_service: Some(agent_service_id(&self.node)),
-                    deregister_critical_service_after: dereg,
-                    ..Default::default()
-                },
-            ],
-        }
     }
 }
 
@@ -212,7 +267,7 @@ fn err(e: ConsulError) -> RegistryError {
     RegistryError::new(kind, e.to_string())
 }
 
-impl Registry for Consul {
+impl View for ConsulView {
     fn keeps_critical(&self) -> bool {
         true
     }
@@ -224,13 +279,45 @@ impl Registry for Consul {
     fn refresh_after(&self) -> Option<Duration> {
         Some(HEALTH_TTL / 3)
     }
+}
 
-    async fn ensure_agent(&mut self, agent: &AgentInfo) -> Result<()> {
-        self.refresh_token()?;
-        let id = agent_service_id(&self.node);
-        let check_id = liveness_check_id(&self.node);
+impl Heartbeat for ConsulLane {
+    async fn beat(&mut self) -> Result<()> {
+        self.conn.refresh()?;
+        self.conn.client.update_check(&self.check_id, "passing", "tether is alive").await.map_err(err)
+    }
+}
+
+/// Writes per batch: the agent serialises writes, so a batch only saves
+/// round trips between the reconciler and its writer.
+const MAX_BATCH: usize = 16;
+
+impl Registry for Consul {
+    type View = ConsulView;
+    type Lane = ConsulLane;
+
+    fn view(&self) -> ConsulView {
+        self.view.clone()
+    }
+
+    fn lane(&self) -> Result<ConsulLane> {
+        let mut conn = Conn::new(&self.conn.address, self.conn.tls.clone(), self.conn.token_file.clone())
+            .map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
+        conn.refresh()?;
+        Ok(ConsulLane { conn, check_id: liveness_check_id(self.node()) })
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
+
+    async fn sync_agent(&mut self, agent: &AgentInfo) -> Result<Vec<RemoteEntry>> {
+        self.conn.refresh()?;
+        let id = agent_service_id(self.node());
+        let check_id = liveness_check_id(self.node());
         let meta = self.agent_meta(agent);
-        let (services, checks) = tokio::try_join!(self.client.services(), self.client.checks()).map_err(err)?;
+        let client = &self.conn.client;
+        let (services, checks) = tokio::try_join!(client.services(), client.checks()).map_err(err)?;
         let present = services.get(&id).is_some_and(|s| s.meta.as_ref() == Some(&meta)) && checks.contains_key(&check_id);
         if !present {
             let reg = ServiceRegistration {
@@ -253,59 +340,30 @@ impl Registry for Consul {
                     ..Default::default()
                 }],
             };
-            self.client.register_service(&reg).await.map_err(err)?;
+            client.register_service(&reg).await.map_err(err)?;
             tracing::info!(service = %id, ttl = %go(agent.ttl), "registered tether's own liveness service");
         }
-        self.agent = Some(agent.clone());
-        self.heartbeat().await
-    }
-
-    async fn heartbeat(&mut self) -> Result<()> {
-        self.refresh_token()?;
-        self.client.update_check(&liveness_check_id(&self.node), "passing", "tether is alive").await.map_err(err)
+        Ok(self.owned_entries(services, &checks))
     }
 
     async fn list(&mut self) -> Result<Vec<RemoteEntry>> {
-        let (services, checks): (HashMap<String, AgentService>, HashMap<String, AgentCheck>) =
-            tokio::try_join!(self.client.services(), self.client.checks()).map_err(err)?;
-        let agent_id = agent_service_id(&self.node);
-        Ok(services
-            .into_values()
-            .filter(|s| s.id != agent_id && self.owned(&s.meta))
-            .map(|s| {
-                let health = checks.get(&health_check_id(&s.id));
-                let alias = checks.contains_key(&alias_check_id(&s.id));
-                let fingerprint = fingerprint_of(
-                    &s.service,
-                    &s.address,
-                    s.port,
-                    s.tags.as_deref().unwrap_or(&[]),
-                    s.meta.as_ref().unwrap_or(&BTreeMap::new()),
-                    health.map(|c| c.notes.as_str()),
-                    alias,
-                );
-                RemoteEntry { id: s.id, name: s.service, fingerprint, health: health.map(health_of) }
-            })
-            .collect())
+        let client = &self.conn.client;
+        let (services, checks) = tokio::try_join!(client.services(), client.checks()).map_err(err)?;
+        Ok(self.owned_entries(services, &checks))
     }
 
-    async fn register(&mut self, spec: &ServiceSpec, health: &Health) -> Result<()> {
-        self.client.register_service(&self.registration(spec, health)).await.map_err(err)?;
-        // Registration sets the status; the output needs an update of its own.
-        self.set_health(spec, health).await
-    }
-
-    async fn set_health(&mut self, spec: &ServiceSpec, health: &Health) -> Result<()> {
-        self.client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await.map_err(err)
-    }
-
-    async fn deregister(&mut self, id: &str, _name: &str) -> Result<()> {
-        self.client.deregister_service(id).await.map_err(err)
+    async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
+        for (i, w) in writes.iter().enumerate() {
+            if let Err(e) = self.write(w).await {
+                return (i, Some(err(e)));
+            }
+        }
+        (writes.len(), None)
     }
 
     async fn shutdown(&mut self, deregister: bool) -> Result<()> {
         if deregister {
-            self.client.deregister_service(&agent_service_id(&self.node)).await.map_err(err)?;
+            self.conn.client.deregister_service(&agent_service_id(self.node())).await.map_err(err)?;
         }
         Ok(())
     }

@@ -1,0 +1,204 @@
+//! Connections per target, not per service.
+//!
+//! Services whose checks name the same target with the same TLS settings
+//! share one HTTP/2 connection (a tonic [`Channel`]): their Watch streams and
+//! Checks are multiplexed on it, and a further connection is opened once one
+//! carries [`STREAMS_PER_CONNECTION`] services. 1,000 services on 10 servers
+//! are 10 connections, not 1,000.
+//!
+//! Each connection with Watch users has one *liveness check*: a unary `Check`
+//! (service `""`) every interval (the shortest among its services), with the
+//! longest timeout among them as deadline. Any answer, even NOT_FOUND or
+//! UNIMPLEMENTED, means the server is alive; a deadline or a transport error
+//! is published to every service on the connection, which all fail at once.
+//! That is how a frozen (SIGSTOPped) server is caught: once per connection per
+//! interval rather than once per service. Each published result also lets the
+//! probes re-confirm their last Watch status, for rise/fall counting.
+//!
+//! A connection lives while a [`Lease`] on it does; its liveness task ends
+//! with it.
+
+use super::probe::{describe, endpoint};
+use crate::backoff::lock;
+use crate::config::tls::{Rotation, TlsConfig};
+use crate::config::{CheckMode, CheckSpec};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Services per connection before another connection to the same target is
+/// opened (servers commonly allow 100–200 concurrent streams).
+pub const STREAMS_PER_CONNECTION: usize = 100;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    target: String,
+    tls: Option<TlsConfig>,
+}
+
+/// The pool of connections to gRPC targets, shared by all probes.
+#[derive(Clone, Default)]
+pub struct Connections {
+    inner: Arc<Mutex<HashMap<Key, Vec<Weak<Conn>>>>>,
+}
+
+/// The result of a connection's latest liveness check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Beat {
+    /// Increases with every liveness check.
+    pub seq: u64,
+    /// Why the server is considered dead; `None` = it answered.
+    pub error: Option<String>,
+}
+
+struct Conn {
+    key: Key,
+    channel: Channel,
+    rotation: Option<Rotation>,
+    users: AtomicUsize,
+    watchers: AtomicUsize,
+    /// Shortest interval among Watch users (ms), longest timeout (ms).
+    interval_ms: AtomicU64,
+    timeout_ms: AtomicU64,
+    beat: watch::Sender<Beat>,
+}
+
+/// One service's share of a connection. Dropping it releases the share.
+pub struct Lease {
+    conn: Arc<Conn>,
+    watch: bool,
+}
+
+impl Connections {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A share of a connection for `spec`'s target and TLS settings.
+    pub fn get(&self, spec: &CheckSpec) -> Result<Lease, String> {
+        let key = Key { target: spec.target.clone(), tls: spec.tls.clone() };
+        let watch = spec.mode == CheckMode::Watch;
+        let mut map = lock(&self.inner);
+        let conns = map.entry(key.clone()).or_default();
+        conns.retain(|w| w.strong_count() > 0);
+        let usable = conns.iter().filter_map(Weak::upgrade).find(|c| {
+            c.users.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION && !c.rotation.as_ref().is_some_and(|r| r.changed(key.tls.as_ref().expect("rotation implies tls")))
+        });
+        let conn = match usable {
+            Some(c) => c,
+            None => {
+                let rotation = key.tls.as_ref().map(Rotation::new);
+                let channel = endpoint(&key.target, spec.timeout, key.tls.as_ref())?.connect_lazy();
+                let conn = Arc::new(Conn {
+                    key,
+                    channel,
+                    rotation,
+                    users: AtomicUsize::new(0),
+                    watchers: AtomicUsize::new(0),
+                    interval_ms: AtomicU64::new(u64::MAX),
+                    timeout_ms: AtomicU64::new(0),
+                    beat: watch::Sender::new(Beat::default()),
+                });
+                conns.push(Arc::downgrade(&conn));
+                tokio::spawn(liveness(Arc::downgrade(&conn)));
+                conn
+            }
+        };
+        conn.users.fetch_add(1, Ordering::Relaxed);
+        if watch {
+            conn.watchers.fetch_add(1, Ordering::Relaxed);
+            conn.interval_ms.fetch_min(spec.interval.as_millis() as u64, Ordering::Relaxed);
+            conn.timeout_ms.fetch_max(spec.timeout.as_millis() as u64, Ordering::Relaxed);
+        }
+        Ok(Lease { conn, watch })
+    }
+
+    /// Open connections (for tests and status).
+    pub fn count(&self) -> usize {
+        lock(&self.inner).values().flatten().filter(|w| w.strong_count() > 0).count()
+    }
+}
+
+impl Lease {
+    pub fn client(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.conn.channel.clone())
+    }
+
+    /// The connection's liveness results.
+    pub fn beats(&self) -> watch::Receiver<Beat> {
+        self.conn.beat.subscribe()
+    }
+
+    /// Whether the TLS files this connection was built from changed since.
+    pub fn rotated(&self) -> bool {
+        match (&self.conn.rotation, &self.conn.key.tls) {
+            (Some(r), Some(tls)) => r.changed(tls),
+            _ => false,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.conn.users.fetch_sub(1, Ordering::Relaxed);
+        if self.watch {
+            self.conn.watchers.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A connection's liveness task: ends when the connection is dropped.
+async fn liveness(conn: Weak<Conn>) {
+    loop {
+        let Some((interval, _)) = settings(&conn) else { return };
+        tokio::time::sleep(interval).await;
+        let Some(c) = conn.upgrade() else { return };
+        if c.watchers.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        let (_, deadline) = settings(&conn).expect("alive");
+        let mut client = HealthClient::new(c.channel.clone());
+        drop(c);
+        let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        req.set_timeout(deadline);
+        let error = match tokio::time::timeout(deadline, client.check(req)).await {
+            Err(_) => Some(format!("deadline exceeded after {}", humantime::format_duration(deadline))),
+            Ok(Ok(_)) => None,
+            Ok(Err(status)) if server_answered(&status) => None,
+            Ok(Err(status)) => Some(describe(&status, deadline)),
+        };
+        let Some(c) = conn.upgrade() else { return };
+        if let Some(e) = &error {
+            tracing::debug!(target = %c.key.target, error = %e, "connection liveness check failed");
+        }
+        c.beat.send_modify(|b| {
+            b.seq += 1;
+            b.error = error;
+        });
+    }
+}
+
+fn settings(conn: &Weak<Conn>) -> Option<(Duration, Duration)> {
+    let c = conn.upgrade()?;
+    let interval = match c.interval_ms.load(Ordering::Relaxed) {
+        u64::MAX => Duration::from_secs(5),
+        ms => Duration::from_millis(ms.max(10)),
+    };
+    let timeout = Duration::from_millis(c.timeout_ms.load(Ordering::Relaxed).max(100));
+    Some((interval, timeout))
+}
+
+/// Whether an error status came from the server itself (so it is alive),
+/// rather than from the transport or a deadline.
+fn server_answered(status: &tonic::Status) -> bool {
+    let transport = super::probe::io_cause(status).is_some()
+        || matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown)
+        || (status.code() == Code::Cancelled && status.message().contains("Timeout expired"));
+    !transport
+}
