@@ -111,7 +111,8 @@ pub struct Reconciler<R: Registry> {
     sync_due: bool,
     next_anti_entropy: Instant,
     retry: Backoff,
-    first_sync_done: bool,
+    /// Set by an anti-entropy read: (fixes, after errors); reported once its fixes are written.
+    ae_report: Option<(u64, bool)>,
     queue: Queue,
     max_batch: usize,
     busy: Busy,
@@ -162,7 +163,7 @@ impl<R: Registry> Reconciler<R> {
             sync_due: true,
             next_anti_entropy: now + Duration::from_secs(86400),
             retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
-            first_sync_done: false,
+            ae_report: None,
             queue: Queue::default(),
             max_batch,
             busy: Busy::Idle,
@@ -252,9 +253,15 @@ impl<R: Registry> Reconciler<R> {
         let batch = self.queue.take(self.max_batch);
         self.telemetry.metrics.write_queue.set(self.queue.len() as i64);
         if batch.is_empty() {
-            if self.first_sync_done && !self.telemetry.is_ready() {
-                self.telemetry.set_ready();
-                systemd::ready();
+            if let Some((fixes, was_retrying)) = self.ae_report.take() {
+                let first = !self.telemetry.is_ready();
+                if first || was_retrying || fixes > 0 {
+                    tracing::info!(fixes, services = self.entries.len(), "anti-entropy: registry in sync");
+                }
+                if first {
+                    self.telemetry.set_ready();
+                    systemd::ready();
+                }
             }
             return;
         }
@@ -530,10 +537,7 @@ impl<R: Registry> Reconciler<R> {
         if was_retrying {
             m.registry_reconnects.inc();
         }
-        if !self.first_sync_done || was_retrying || self.fixes > 0 {
-            tracing::info!(fixes = self.fixes, services = self.entries.len(), "anti-entropy: registry read; fixes queued");
-        }
-        self.first_sync_done = true;
+        self.ae_report = Some((self.fixes, was_retrying));
         self.telemetry.with_status(|s| {
             s.backend.last_anti_entropy = Some(rfc3339(SystemTime::now()));
             s.backend.connected = true;
@@ -554,6 +558,7 @@ impl<R: Registry> Reconciler<R> {
         self.stale = true;
         self.sync_due = false;
         self.queue.clear();
+        self.ae_report = None;
         self.next_anti_entropy = Instant::now() + jitter(delay);
         match e.kind {
             ErrorKind::Missing => tracing::warn!(error = %e, "{what}: registry lost tether's records; re-registering"),
