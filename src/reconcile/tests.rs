@@ -1,0 +1,305 @@
+//! Ordering and timing of the reconciler, its writer and its heartbeat lane,
+//! against an in-memory registry with tokio's paused clock. These are about
+//! what tether sends when, not about any registry's behaviour: the real
+//! registries are exercised by the integration tests.
+
+use super::*;
+use crate::backoff::lock;
+use crate::config::{CheckMode, CheckSpec};
+use crate::registry::{Heartbeat, Result as RegResult};
+use std::sync::Mutex;
+
+#[derive(Default)]
+struct State {
+    /// id → (name, fingerprint, health)
+    records: BTreeMap<String, (String, String, Health)>,
+    /// (when, op, id) of every write.
+    writes: Vec<(Instant, &'static str, String)>,
+    /// When each heartbeat went out.
+    beats: Vec<Instant>,
+    syncs: usize,
+    write_delay: Duration,
+}
+
+#[derive(Clone, Default)]
+struct Memory(Arc<Mutex<State>>);
+
+#[derive(Clone)]
+struct MemView;
+
+struct MemLane(Memory);
+
+fn fp(spec: &ServiceSpec) -> String {
+    format!("{}:{}", spec.name, spec.port)
+}
+
+impl View for MemView {
+    fn keeps_critical(&self) -> bool {
+        true
+    }
+    fn fingerprint(&self, spec: &ServiceSpec) -> String {
+        fp(spec)
+    }
+    fn refresh_after(&self) -> Option<Duration> {
+        None
+    }
+}
+
+impl Heartbeat for MemLane {
+    async fn beat(&mut self) -> RegResult<()> {
+        lock(&self.0 .0).beats.push(Instant::now());
+        Ok(())
+    }
+}
+
+impl Memory {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.0)
+    }
+    fn delay(&self) -> Duration {
+        self.state().write_delay
+    }
+    fn writes_of(&self, id: &str) -> Vec<&'static str> {
+        self.state().writes.iter().filter(|(_, _, i)| i == id).map(|(_, op, _)| *op).collect()
+    }
+}
+
+impl Registry for Memory {
+    type View = MemView;
+    type Lane = MemLane;
+
+    fn view(&self) -> MemView {
+        MemView
+    }
+    fn lane(&self) -> RegResult<MemLane> {
+        Ok(MemLane(self.clone()))
+    }
+    fn max_batch(&self) -> usize {
+        16
+    }
+    async fn sync_agent(&mut self, _agent: &AgentInfo) -> RegResult<Vec<RemoteEntry>> {
+        tokio::time::sleep(self.delay()).await;
+        self.state().syncs += 1;
+        self.list().await
+    }
+    async fn list(&mut self) -> RegResult<Vec<RemoteEntry>> {
+        Ok(self
+            .state()
+            .records
+            .iter()
+            .map(|(id, (name, fp, h))| RemoteEntry { id: id.clone(), name: name.clone(), fingerprint: fp.clone(), health: Some(h.clone()) })
+            .collect())
+    }
+    async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
+        for w in writes {
+            tokio::time::sleep(self.delay()).await;
+            let mut s = self.state();
+            s.writes.push((Instant::now(), w.op(), w.id().to_string()));
+            match w {
+                Write::Register { spec, health } => {
+                    s.records.insert(spec.id.clone(), (spec.name.clone(), fp(spec), health.clone()));
+                }
+                Write::Health { spec, health } => {
+                    if let Some(r) = s.records.get_mut(&spec.id) {
+                        r.2 = health.clone();
+                    }
+                }
+                Write::Deregister { id, .. } => {
+                    s.records.remove(id);
+                }
+            }
+        }
+        (writes.len(), None)
+    }
+    async fn shutdown(&mut self, _deregister: bool) -> RegResult<()> {
+        Ok(())
+    }
+}
+
+fn spec(id: &str, ttl: Duration) -> ServiceSpec {
+    ServiceSpec {
+        file: format!("/etc/tether/services.d/{id}.toml").into(),
+        id: id.into(),
+        name: id.into(),
+        address: "10.0.0.1".into(),
+        port: 50051,
+        tags: vec![],
+        meta: BTreeMap::new(),
+        ttl,
+        deregister_critical_after: Duration::from_secs(60),
+        check: CheckSpec {
+            target: "127.0.0.1:50051".into(),
+            service: String::new(),
+            mode: CheckMode::Watch,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 1,
+            fall: 1,
+            tls: None,
+        },
+    }
+}
+
+struct Harness {
+    mem: Memory,
+    health: mpsc::Sender<HealthChange>,
+    desired: mpsc::Sender<BTreeMap<String, ServiceSpec>>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+    /// Probe generation per id, as the reconciler numbers them.
+    gens: HashMap<String, u64>,
+}
+
+impl Harness {
+    fn start(mem: Memory) -> Harness {
+        let telemetry = Arc::new(Telemetry::new("node-a", "memory", "memory"));
+        let mut r = Reconciler::new(mem.clone(), "node-a", false, telemetry).expect("reconciler");
+        r.probing = false;
+        let health = r.health_tx.clone();
+        let (desired, desired_rx) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(r.run(desired_rx, shutdown.clone()));
+        Harness { mem, health, desired, shutdown, task, gens: HashMap::new() }
+    }
+
+    async fn set(&mut self, ids: &[&str], ttl: Duration) {
+        let set: BTreeMap<String, ServiceSpec> = ids.iter().map(|id| (id.to_string(), spec(id, ttl))).collect();
+        for id in set.keys() {
+            let next = self.gens.len() as u64 + 1;
+            self.gens.entry(id.clone()).or_insert(next);
+        }
+        self.desired.send(set).await.unwrap();
+    }
+
+    /// A health change from a service's probe.
+    async fn health(&self, id: &str, passing: bool) {
+        let generation = self.gens[id];
+        let health = if passing { Health::passing("SERVING") } else { Health::critical("NOT_SERVING") };
+        self.health.send(HealthChange { id: id.into(), generation, health }).await.unwrap();
+    }
+
+    /// Let the paused clock run until `f` holds (or panic after `limit`).
+    async fn until(&self, limit: Duration, what: &str, f: impl Fn(&State) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !f(&self.mem.state()) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+fn passing(s: &State, id: &str) -> bool {
+    s.records.get(id).is_some_and(|r| r.2.status == Status::Passing)
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_with_health_known_writes_once_per_service() {
+    let mem = Memory::default();
+    mem.state().write_delay = Duration::from_millis(50);
+    let mut h = Harness::start(mem.clone());
+    let ids: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    h.set(&refs, Duration::from_secs(15)).await;
+    // Results arrive while the first anti-entropy read is still out.
+    for id in &ids {
+        h.health(id, true).await;
+    }
+    h.until(Duration::from_secs(30), "all passing", |s| ids.iter().all(|id| passing(s, id))).await;
+    for id in &ids {
+        assert_eq!(mem.writes_of(id), ["register"], "{id}: one write, registered passing");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_writes_coalesce_latest_state_wins() {
+    let mem = Memory::default();
+    mem.state().write_delay = Duration::from_millis(100);
+    let mut h = Harness::start(mem.clone());
+    h.set(&["a", "b"], Duration::from_secs(15)).await;
+    h.health("a", true).await;
+    h.health("b", true).await;
+    h.until(Duration::from_secs(10), "a and b passing", |s| passing(s, "a") && passing(s, "b")).await;
+    // Keep the writer busy with b, then flip a three times.
+    h.health("b", false).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    h.health("a", false).await;
+    h.health("a", true).await;
+    h.health("a", false).await;
+    h.until(Duration::from_secs(10), "a critical", |s| s.records.get("a").is_some_and(|r| r.2.status == Status::Critical)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(mem.writes_of("a"), ["register", "set_health"], "three flips while queued = one write");
+    // A flip and a flip back while queued cost nothing.
+    h.health("b", true).await; // occupies the writer
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    h.health("a", true).await;
+    h.health("a", false).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(mem.writes_of("a"), ["register", "set_health"], "flip and flip back while queued = no write");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_registry_never_delays_the_heartbeat() {
+    let mem = Memory::default();
+    // Every write takes half a second: 300 services are 150 s of writes.
+    mem.state().write_delay = Duration::from_millis(500);
+    let mut h = Harness::start(mem.clone());
+    let ids: Vec<String> = (0..300).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let ttl = Duration::from_secs(3);
+    h.set(&refs, ttl).await;
+    for id in &ids {
+        h.health(id, true).await;
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let s = mem.state();
+    assert!(s.writes.len() < 300, "the registry is still busy with the backlog ({} writes)", s.writes.len());
+    assert!(s.beats.len() >= 55, "a beat every ttl/3 = 1 s for 60 s: {}", s.beats.len());
+    let worst = s.beats.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(worst <= ttl / 3 + Duration::from_millis(10), "largest gap between heartbeats: {worst:?}");
+    drop(s);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn deregister_deadline_touches_only_its_service() {
+    let mem = Memory::default();
+    let mut h = Harness::start(mem.clone());
+    h.set(&["a", "b", "c"], Duration::from_secs(15)).await;
+    for id in ["a", "b", "c"] {
+        h.health(id, true).await;
+    }
+    h.until(Duration::from_secs(10), "all passing", |s| ["a", "b", "c"].iter().all(|id| passing(s, id))).await;
+    let critical_at = Instant::now();
+    h.health("b", false).await;
+    h.until(Duration::from_secs(120), "b deregistered", |s| !s.records.contains_key("b")).await;
+    let s = mem.state();
+    let (at, op, _) = s.writes.iter().rev().find(|(_, _, id)| id == "b").unwrap().clone();
+    assert_eq!(op, "deregister");
+    assert!(at - critical_at >= Duration::from_secs(60), "not before deregister_critical_after: {:?}", at - critical_at);
+    assert!(at - critical_at < Duration::from_secs(62), "soon after it: {:?}", at - critical_at);
+    for id in ["a", "c"] {
+        assert_eq!(s.writes.iter().filter(|(_, _, i)| i == id).count(), 1, "{id} untouched after its registration");
+    }
+    drop(s);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_with_no_result_is_registered_critical_after_the_grace() {
+    let mem = Memory::default();
+    let mut h = Harness::start(mem.clone());
+    h.set(&["quiet"], Duration::from_secs(15)).await;
+    h.until(Duration::from_secs(10), "quiet registered", |s| s.records.contains_key("quiet")).await;
+    let s = mem.state();
+    let (_, _, health) = s.records["quiet"].clone();
+    assert_eq!(health, Health::critical(WAITING));
+    drop(s);
+    h.stop().await;
+}
