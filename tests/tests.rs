@@ -8,6 +8,7 @@ mod consul;
 mod etcd;
 mod faults;
 mod ops;
+mod scale;
 mod security;
 mod support;
 

@@ -314,10 +314,15 @@ pub struct Setup {
 
 impl Setup {
     pub fn consul(consul: &Consul, extra: &str) -> Setup {
+        Self::consul_at(&consul.url(), extra)
+    }
+
+    /// A setup for the Consul agent at `url` (e.g. behind a [`SlowProxy`]).
+    pub fn consul_at(url: &str, extra: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("services.d")).unwrap();
         let text =
-            format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[consul]\naddress = \"{}\"\n", consul.url());
+            format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[consul]\naddress = \"{url}\"\n");
         std::fs::write(dir.path().join("tether.toml"), text).unwrap();
         Setup { dir }
     }
@@ -664,9 +669,14 @@ impl Drop for EtcdMember {
 
 impl Setup {
     pub fn etcd(etcd: &Etcd, extra: &str) -> Setup {
+        Self::etcd_at(&etcd.endpoints(), extra)
+    }
+
+    /// A setup for etcd at `endpoints` (e.g. behind a [`SlowProxy`]).
+    pub fn etcd_at(endpoints: &[String], extra: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("services.d")).unwrap();
-        let eps = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+        let eps = endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
         let text = format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[etcd]\nendpoints = [{eps}]\nprefix = \"services\"\n");
         std::fs::write(dir.path().join("tether.toml"), text).unwrap();
         Setup { dir }
@@ -731,5 +741,92 @@ impl HealthServer {
         stdout.read_line(&mut line).unwrap();
         let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("health server said {line:?}"));
         HealthServer { child, stdin, stdout, port }
+    }
+}
+
+impl Consul {
+    /// Consul's own log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A loopback TCP proxy that delays every byte by `delay` in both directions
+/// (latency without a throughput cap): a slow registry for tests.
+pub struct SlowProxy {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlowProxy {
+    pub fn start(upstream_port: u16, delay: Duration) -> SlowProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream_port)) else { continue };
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        for (from, to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                            let stopped = stopped.clone();
+                            std::thread::spawn(move || pipe_delayed(from, to, delay, stopped));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        SlowProxy { port, stop }
+    }
+}
+
+/// Copy `from` → `to`, each chunk sent `delay` after it arrived.
+fn pipe_delayed(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    delay: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::Read;
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
+        for (at, chunk) in rx {
+            let due = at + delay;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
