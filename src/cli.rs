@@ -161,11 +161,22 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The CLI without its hidden subcommands, for completions (clap_complete would
+/// offer `generate` too; clap_mangen leaves hidden ones out by itself).
+fn public_command() -> clap::Command {
+    let full = Cli::command();
+    let mut public = clap::Command::new("tether").version(VERSION).subcommand_required(true);
+    if let Some(about) = full.get_about() {
+        public = public.about(about.clone());
+    }
+    public.subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
+}
+
 fn generate(what: Generate) -> ExitCode {
     let result = match &what {
         Generate::Man { out } => std::fs::create_dir_all(out).and_then(|()| clap_mangen::generate_to(Cli::command(), out)),
         Generate::Completions { shell, out } => {
-            std::fs::create_dir_all(out).and_then(|()| clap_complete::generate_to(*shell, &mut Cli::command(), "tether", out).map(drop))
+            std::fs::create_dir_all(out).and_then(|()| clap_complete::generate_to(*shell, &mut public_command(), "tether", out).map(drop))
         }
     };
     match result {

@@ -168,6 +168,7 @@ fn package_builds_installs_and_verifies() {
     }
     let completion = std::fs::read_to_string(dest.join("usr/share/bash-completion/completions/tether")).unwrap();
     assert!(completion.contains("complete") && completion.contains("validate"), "{completion}");
+    assert!(!completion.contains("generate"), "the hidden `generate` is not offered:\n{completion}");
     let man = ok(Command::new("gzip").arg("-dc").arg(dest.join("usr/share/man/man1/tether.1.gz")));
     assert!(man.contains(".TH tether 1") && man.contains("tether\\-run(1)"), "{man}");
 
