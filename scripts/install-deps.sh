@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the build and the tests need, idempotently:
 #   - protoc (Debian's protobuf-compiler), needed at build time by etcd-client;
+#   - the Debian packaging tools (scripts/package.sh and its test): cargo-deb
+#     (crates.io, pinned), lintian, dpkg-dev (dpkg-shlibdeps), binutils (strip)
+#     and systemd-analyze (apt);
 #   - Consul 1.8.7 (Debian bullseye's `consul`) and etcd 3.4.23 (bookworm's
 #     `etcd-server`, `etcd-client`), unpacked into the git-ignored .tools/ folder
 #     without touching the system's apt configuration.
@@ -23,6 +26,25 @@ if ! command -v protoc >/dev/null 2>&1; then
     log "installing protobuf-compiler (apt)"
     sudo_if_needed apt-get update -qq
     sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
+# --- packaging: lintian, dpkg-shlibdeps, strip, systemd-analyze (apt) --------
+apt_missing=()
+command -v lintian >/dev/null 2>&1 || apt_missing+=(lintian)
+command -v dpkg-shlibdeps >/dev/null 2>&1 || apt_missing+=(dpkg-dev)
+command -v strip >/dev/null 2>&1 || apt_missing+=(binutils)
+command -v systemd-analyze >/dev/null 2>&1 || apt_missing+=(systemd)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+    log "installing ${apt_missing[*]} (apt)"
+    sudo_if_needed apt-get update -qq
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+
+# --- cargo-deb (crates.io), pinned: 3.8.0 builds with rustc 1.85+ -------------
+cargo_deb_version=3.8.0
+if [ "$(cargo deb --version 2>/dev/null | awk '{ print $NF }')" != "$cargo_deb_version" ]; then
+    log "installing cargo-deb $cargo_deb_version (cargo install --locked; a few minutes)"
+    cargo install cargo-deb --version "$cargo_deb_version" --locked --quiet
 fi
 
 # --- Consul and etcd from Debian packages, privately -------------------------

@@ -1,16 +1,30 @@
-//! The command line: `run`, `validate`, `check`.
+//! The command line: `run`, `validate`, `status`, `check` (and the hidden
+//! `generate`, which writes the man pages and shell completions from this
+//! very definition for the Debian package).
 
 use crate::config::tls::TlsConfig;
 use crate::config::{agent, scan, Defaults};
 use crate::health::probe::{code_name, describe, observe_status};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// The version and the git commit it was built from (see build.rs).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TETHER_GIT_COMMIT"), ")");
+
 #[derive(Parser, Debug)]
-#[command(name = "tether", version, about = "Keeps Consul or etcd truthful about gRPC services (grpc.health.v1)")]
+#[command(
+    name = "tether",
+    version = VERSION,
+    about = "Keeps Consul or etcd truthful about gRPC services (grpc.health.v1)",
+    long_about = "Keeps Consul or etcd truthful about gRPC services (grpc.health.v1).\n\n\
+        tether health-checks every service described by a *.toml file in services_dir \
+        (default /etc/tether/services.d) and registers it in Consul or etcd, passing only while it \
+        is SERVING. The agent configuration is /etc/tether/tether.toml. Under systemd it runs as \
+        tether.service, or as tether@NAME.service with /etc/tether/NAME/tether.toml."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -70,6 +84,30 @@ enum Command {
         #[arg(long)]
         server_name: Option<String>,
     },
+    /// Write man pages or shell completions generated from this CLI (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Generate {
+    /// tether.1 and one page per subcommand (tether-run.1, ...).
+    Man {
+        /// Directory to write them into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The completion script for SHELL, under the name that shell looks for
+    /// (bash: tether, zsh: _tether, fish: tether.fish).
+    Completions {
+        shell: clap_complete::Shell,
+        /// Directory to write it into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -118,6 +156,35 @@ pub fn main() -> ExitCode {
             let cfg = TlsConfig { ca_file, cert_file, key_file, server_name };
             let tls = (tls || cfg.is_set()).then_some(cfg);
             runtime.block_on(check(&addr, &service, timeout, tls.as_ref()))
+        }
+        Command::Generate { what } => generate(what),
+    }
+}
+
+/// The CLI without its hidden subcommands, for completions (clap_complete would
+/// offer `generate` too; clap_mangen leaves hidden ones out by itself).
+fn public_command() -> clap::Command {
+    let full = Cli::command();
+    let mut public = clap::Command::new("tether").version(VERSION).subcommand_required(true);
+    if let Some(about) = full.get_about() {
+        public = public.about(about.clone());
+    }
+    public.subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
+}
+
+fn generate(what: Generate) -> ExitCode {
+    let result = match &what {
+        Generate::Man { out } => std::fs::create_dir_all(out).and_then(|()| clap_mangen::generate_to(Cli::command(), out)),
+        Generate::Completions { shell, out } => {
+            std::fs::create_dir_all(out).and_then(|()| clap_complete::generate_to(*shell, &mut public_command(), "tether", out).map(drop))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let (Generate::Man { out } | Generate::Completions { out, .. }) = &what;
+            eprintln!("error: writing into {}: {e}", out.display());
+            ExitCode::from(1)
         }
     }
 }

@@ -8,6 +8,7 @@ mod consul;
 mod etcd;
 mod faults;
 mod ops;
+mod package;
 mod scale;
 mod security;
 mod support;
