@@ -88,7 +88,8 @@ impl Connections {
         let conns = map.entry(key.clone()).or_default();
         conns.retain(|w| w.strong_count() > 0);
         let usable = conns.iter().filter_map(Weak::upgrade).find(|c| {
-            c.users.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION && !c.rotation.as_ref().is_some_and(|r| r.changed(key.tls.as_ref().expect("rotation implies tls")))
+            c.users.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION
+                && !c.rotation.as_ref().is_some_and(|r| r.changed(key.tls.as_ref().expect("rotation implies tls")))
         });
         let conn = match usable {
             Some(c) => c,

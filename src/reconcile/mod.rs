@@ -71,7 +71,10 @@ enum Desired {
     /// Not decided yet (no health result so far): leave the registry as it is.
     Undecided,
     Absent,
-    Present { fingerprint: String, health: Health },
+    Present {
+        fingerprint: String,
+        health: Health,
+    },
 }
 
 struct Entry {
@@ -474,11 +477,8 @@ impl<R: Registry> Reconciler<R> {
                 self.telemetry.metrics.service_last_write.get_or_create(&Metrics::service(&id)).set(unix_now());
                 match w {
                     Write::Deregister { .. } => {
-                        let why = if self.view.keeps_critical() {
-                            "critical for longer than deregister_critical_after"
-                        } else {
-                            "not passing"
-                        };
+                        let why =
+                            if self.view.keeps_critical() { "critical for longer than deregister_critical_after" } else { "not passing" };
                         tracing::info!(service = %id, reason = why, "deregistered");
                         entry.remote = None;
                     }

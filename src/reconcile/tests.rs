@@ -258,12 +258,13 @@ async fn a_slow_registry_never_delays_the_heartbeat() {
         h.health(id, true).await;
     }
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let s = mem.state();
-    assert!(s.writes.len() < 300, "the registry is still busy with the backlog ({} writes)", s.writes.len());
-    assert!(s.beats.len() >= 55, "a beat every ttl/3 = 1 s for 60 s: {}", s.beats.len());
-    let worst = s.beats.windows(2).map(|w| w[1] - w[0]).max().unwrap();
-    assert!(worst <= ttl / 3 + Duration::from_millis(10), "largest gap between heartbeats: {worst:?}");
-    drop(s);
+    {
+        let s = mem.state();
+        assert!(s.writes.len() < 300, "the registry is still busy with the backlog ({} writes)", s.writes.len());
+        assert!(s.beats.len() >= 55, "a beat every ttl/3 = 1 s for 60 s: {}", s.beats.len());
+        let worst = s.beats.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        assert!(worst <= ttl / 3 + Duration::from_millis(10), "largest gap between heartbeats: {worst:?}");
+    }
     h.stop().await;
 }
 
@@ -279,15 +280,16 @@ async fn deregister_deadline_touches_only_its_service() {
     let critical_at = Instant::now();
     h.health("b", false).await;
     h.until(Duration::from_secs(120), "b deregistered", |s| !s.records.contains_key("b")).await;
-    let s = mem.state();
-    let (at, op, _) = s.writes.iter().rev().find(|(_, _, id)| id == "b").unwrap().clone();
-    assert_eq!(op, "deregister");
-    assert!(at - critical_at >= Duration::from_secs(60), "not before deregister_critical_after: {:?}", at - critical_at);
-    assert!(at - critical_at < Duration::from_secs(62), "soon after it: {:?}", at - critical_at);
-    for id in ["a", "c"] {
-        assert_eq!(s.writes.iter().filter(|(_, _, i)| i == id).count(), 1, "{id} untouched after its registration");
+    {
+        let s = mem.state();
+        let (at, op, _) = s.writes.iter().rev().find(|(_, _, id)| id == "b").unwrap().clone();
+        assert_eq!(op, "deregister");
+        assert!(at - critical_at >= Duration::from_secs(60), "not before deregister_critical_after: {:?}", at - critical_at);
+        assert!(at - critical_at < Duration::from_secs(62), "soon after it: {:?}", at - critical_at);
+        for id in ["a", "c"] {
+            assert_eq!(s.writes.iter().filter(|(_, _, i)| i == id).count(), 1, "{id} untouched after its registration");
+        }
     }
-    drop(s);
     h.stop().await;
 }
 
@@ -297,9 +299,7 @@ async fn a_service_with_no_result_is_registered_critical_after_the_grace() {
     let mut h = Harness::start(mem.clone());
     h.set(&["quiet"], Duration::from_secs(15)).await;
     h.until(Duration::from_secs(10), "quiet registered", |s| s.records.contains_key("quiet")).await;
-    let s = mem.state();
-    let (_, _, health) = s.records["quiet"].clone();
+    let (_, _, health) = mem.state().records["quiet"].clone();
     assert_eq!(health, Health::critical(WAITING));
-    drop(s);
     h.stop().await;
 }

@@ -19,7 +19,11 @@ pub enum Work {
 
 pub enum Done {
     /// The first `done` writes succeeded; `error` is why the next one failed.
-    Writes { writes: Vec<Write>, done: usize, error: Option<RegistryError> },
+    Writes {
+        writes: Vec<Write>,
+        done: usize,
+        error: Option<RegistryError>,
+    },
     Sync(AgentInfo, Result<Vec<RemoteEntry>, RegistryError>),
 }
 

@@ -14,10 +14,10 @@
 
 use super::{AgentInfo, ErrorKind, Heartbeat, Registry, RegistryError, RemoteEntry, Result, View, Write};
 use crate::config::agent::{credential_path, read_secret};
+use crate::config::tls::Rotation;
 use crate::config::{EtcdConfig, ServiceSpec};
 use crate::health::{Health, Status};
 use backon::{ExponentialBuilder, Retryable};
-use crate::config::tls::Rotation;
 use etcd_client::{
     Certificate, Client, ConnectOptions, GetOptions, Identity, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp,
 };
@@ -406,7 +406,11 @@ impl Registry for Etcd {
 
     async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
         let lease = self.view.lease_id();
-        if lease == 0 && writes.iter().any(|w| matches!(w, Write::Register { health, .. } | Write::Health { health, .. } if health.status == Status::Passing)) {
+        if lease == 0
+            && writes
+                .iter()
+                .any(|w| matches!(w, Write::Register { health, .. } | Write::Health { health, .. } if health.status == Status::Passing))
+        {
             return (0, Some(RegistryError::new(ErrorKind::Missing, "etcd: no lease yet")));
         }
         let client = match self.client().await {

@@ -34,7 +34,10 @@ fn thousand(setup: &Setup) -> Vec<HealthServer> {
         for n in names(s) {
             std::fs::write(
                 setup.services_dir().join(format!("{n}.toml")),
-                format!("name = \"{n}\"\nid = \"{n}\"\nport = {}\nttl = \"15s\"\n[check]\nservice = \"{n}\"\ninterval = \"1s\"\n", server.port),
+                format!(
+                    "name = \"{n}\"\nid = \"{n}\"\nport = {}\nttl = \"15s\"\n[check]\nservice = \"{n}\"\ninterval = \"1s\"\n",
+                    server.port
+                ),
             )
             .unwrap();
         }

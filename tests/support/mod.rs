@@ -321,8 +321,7 @@ impl Setup {
     pub fn consul_at(url: &str, extra: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("services.d")).unwrap();
-        let text =
-            format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[consul]\naddress = \"{url}\"\n");
+        let text = format!("services_dir = \"services.d\"\nnode = \"node-a\"\nlisten = \"\"\n{extra}\n[consul]\naddress = \"{url}\"\n");
         std::fs::write(dir.path().join("tether.toml"), text).unwrap();
         Setup { dir }
     }

@@ -69,8 +69,8 @@ impl Conn {
     fn refresh(&mut self) -> Result<()> {
         if self.rotation.changed(&self.tls) {
             let rotation = Rotation::new(&self.tls);
-            let client = ConsulClient::new(&self.address, self.client.token(), &self.tls)
-                .map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
+            let client =
+                ConsulClient::new(&self.address, self.client.token(), &self.tls).map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
             tracing::info!("Consul TLS files changed; reconnecting with them");
             self.client = client;
             self.rotation = rotation;
