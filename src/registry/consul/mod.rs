@@ -291,6 +291,10 @@ impl Heartbeat for ConsulLane {
 /// Writes per batch: the agent serialises writes, so a batch only saves
 /// round trips between the reconciler and its writer.
 const MAX_BATCH: usize = 16;
+type WriteFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(), ConsulError>> + Send + 'a>>;
+
+/// Writes in flight at once within a batch.
+const IN_FLIGHT: usize = 4;
 
 impl Registry for Consul {
     type View = ConsulView;
@@ -353,8 +357,21 @@ impl Registry for Consul {
     }
 
     async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
-        for (i, w) in writes.iter().enumerate() {
-            if let Err(e) = self.write(w).await {
+        // A few writes in flight at once: the agent serialises them, so this
+        // gains nothing on loopback, but it hides the round trip to an agent
+        // that is far or slow (measured: the slow-Consul scale test).
+        let this = &*self;
+        let mut results = Vec::with_capacity(writes.len());
+        for chunk in writes.chunks(IN_FLIGHT) {
+            let mut inflight: Vec<WriteFuture<'_>> = Vec::with_capacity(chunk.len());
+            for w in chunk {
+                inflight.push(Box::pin(this.write(w)));
+            }
+            results.extend(futures::future::join_all(inflight).await);
+        }
+        for (i, r) in results.into_iter().enumerate() {
+            if let Err(e) = r {
+                // Later writes that succeeded are re-checked by anti-entropy.
                 return (i, Some(err(e)));
             }
         }
