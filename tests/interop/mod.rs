@@ -51,11 +51,16 @@ fn consul_check_indexes(consul: &Consul) -> BTreeMap<String, (String, u64)> {
 #[test]
 fn go_client_round_robin_follows_tether() {
     let etcd = Etcd::start(1);
+    // Three grpc-go backends and a tonic one (orders-3): the client must also
+    // reach a server that checks HTTP/2's :authority.
     let mut servers: Vec<GoHealthServer> = (0..3).map(|_| GoHealthServer::start()).collect();
-    let addrs: Vec<String> = servers.iter().map(GoHealthServer::addr).collect();
+    let tonic = HealthServer::start(0, &[]);
+    let mut addrs: Vec<String> = servers.iter().map(GoHealthServer::addr).collect();
+    addrs.push(tonic.addr());
     let setup = Setup::etcd(&etcd, "deregister_on_shutdown = false");
-    for (i, s) in servers.iter().enumerate() {
-        setup.write_service(&format!("orders-{i}.toml"), &service("orders", &format!("orders-{i}"), s.port, "watch"));
+    let ports: Vec<u16> = servers.iter().map(|s| s.port).chain([tonic.port]).collect();
+    for (i, port) in ports.iter().enumerate() {
+        setup.write_service(&format!("orders-{i}.toml"), &service("orders", &format!("orders-{i}"), *port, "watch"));
     }
     let mut tether = setup.start();
     let mut client = GoClient::start(&etcd, "services/orders/");
@@ -63,7 +68,7 @@ fn go_client_round_robin_follows_tether() {
     // Every passing instance is in rotation, and the Go client reads tether's metadata.
     client.wait_rotation(&addrs, T);
     let resolved = client.resolved().expect("a resolver update");
-    assert_eq!(resolved.len(), 3, "{resolved:?}");
+    assert_eq!(resolved.len(), 4, "{resolved:?}");
     for (i, addr) in addrs.iter().enumerate() {
         let (_, md) = resolved.iter().find(|(a, _)| a == addr).unwrap_or_else(|| panic!("{addr} not resolved: {resolved:?}"));
         let want = json!({"id": format!("orders-{i}"), "name": "orders", "tags": ["grpc"], "meta": {"version": "1.2.3"},
@@ -74,14 +79,14 @@ fn go_client_round_robin_follows_tether() {
     // NOT_SERVING: out of the client's rotation; SERVING: back.
     for _ in 0..2 {
         servers[1].set("not_serving");
-        client.wait_rotation(&[addrs[0].clone(), addrs[2].clone()], T);
+        client.wait_rotation(&[addrs[0].clone(), addrs[2].clone(), addrs[3].clone()], T);
         servers[1].set("serving");
         client.wait_rotation(&addrs, T);
     }
 
     // Service file removed: out; back: in.
     std::fs::remove_file(setup.services_dir().join("orders-2.toml")).unwrap();
-    client.wait_rotation(&addrs[..2], T);
+    client.wait_rotation(&[addrs[0].clone(), addrs[1].clone(), addrs[3].clone()], T);
     setup.write_service("orders-2.toml", &service("orders", "orders-2", servers[2].port, "watch"));
     client.wait_rotation(&addrs, T);
 

@@ -11,10 +11,10 @@
 //
 //	{"event":"resolved","t_ns":…,"addrs":[{"addr":"127.0.0.1:50051","metadata":{"id":"orders-1",…}}]}
 //	    on every resolver update, with tether's metadata decoded;
-//	{"event":"window","t_ns":…,"served":{"127.0.0.1:50051":17,…},"last_ns":{…},"errors":0}
+//	{"event":"window","t_ns":…,"served":{"127.0.0.1:50051":17,…},"first_ns":{…},"last_ns":{…},"errors":0,"last_error":""}
 //	    every window: how many Health/Check calls each backend answered (from
-//	    grpc.Peer), and when each last did. The backends in `served` are the
-//	    client's rotation.
+//	    grpc.Peer), and when the first and the last of them were sent. The
+//	    backends in `served` are the client's rotation.
 package main
 
 import (
@@ -89,6 +89,7 @@ func main() {
 	target := flag.String("target", "services/orders", "key prefix to resolve (etcd:///<target>)")
 	every := flag.Duration("every", 2*time.Millisecond, "pause between calls")
 	window := flag.Duration("window", 100*time.Millisecond, "report period")
+	authority := flag.String("authority", "", "the :authority to send (default: the target's name)")
 	flag.Parse()
 
 	cli, err := clientv3.New(clientv3.Config{Endpoints: strings.Split(*endpoints, ","), DialTimeout: 5 * time.Second})
@@ -102,8 +103,15 @@ func main() {
 		fmt.Fprintln(os.Stderr, "resolver:", err)
 		os.Exit(2)
 	}
+	// grpc-go's default :authority is the target's endpoint, here
+	// "services/orders/", which HTTP/2 servers that check it (hyper, so
+	// tonic) reset with PROTOCOL_ERROR: send a plain host name instead.
+	if *authority == "" {
+		*authority = strings.Trim(strings.ReplaceAll(*target, "/", "."), ".")
+	}
 	conn, err := grpc.Dial("etcd:///"+*target,
 		grpc.WithResolvers(watching{builder}),
+		grpc.WithAuthority(*authority),
 		grpc.WithInsecure(),
 		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig":[{"round_robin":{}}]}`))
 	if err != nil {
@@ -114,25 +122,31 @@ func main() {
 	health := healthpb.NewHealthClient(conn)
 
 	served := map[string]int{}
-	last := map[string]int64{}
-	errors := 0
+	first, last := map[string]int64{}, map[string]int64{}
+	errors, lastError := 0, ""
 	next := time.Now().Add(*window)
 	for {
 		var p peer.Peer
+		sent := time.Now().UnixNano()
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		// Answered whatever the backend's health: SERVING or NOT_SERVING, the
 		// call still shows which backend the client picked.
 		_, err := health.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Peer(&p))
 		cancel()
 		if err == nil && p.Addr != nil {
-			served[p.Addr.String()]++
-			last[p.Addr.String()] = time.Now().UnixNano()
+			a := p.Addr.String()
+			served[a]++
+			if _, ok := first[a]; !ok {
+				first[a] = sent
+			}
+			last[a] = sent
 		} else {
 			errors++
+			lastError = fmt.Sprint(err)
 		}
 		if time.Now().After(next) {
-			emit(map[string]interface{}{"event": "window", "served": served, "last_ns": last, "errors": errors})
-			served, last, errors = map[string]int{}, map[string]int64{}, 0
+			emit(map[string]interface{}{"event": "window", "served": served, "first_ns": first, "last_ns": last, "errors": errors, "last_error": lastError})
+			served, first, last, errors, lastError = map[string]int{}, map[string]int64{}, map[string]int64{}, 0, ""
 			next = time.Now().Add(*window)
 		}
 		time.Sleep(*every)
