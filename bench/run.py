@@ -27,14 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CpuWindow, Procs, log, status_kb, summary, system_cpu, wait_until  # noqa: E402
 from consul import METRICS_INTERVAL, CatalogObserver, Consul, writes_of  # noqa: E402
 from etcd import Etcd, WatchObserver  # noqa: E402
+from grpcgo import GoClient  # noqa: E402
 from services import HealthServer, Tether, drop_file, service_file  # noqa: E402
 import report  # noqa: E402
 
-FULL = dict(flips=50, etcd_flips=50, crashes=10, etcd_crashes=5, config_reps=20, calib=40,
+FULL = dict(flips=50, etcd_flips=50, rotation_flips=50, crashes=10, etcd_crashes=5, config_reps=20, calib=40,
             ns=[10, 100, 1000], cost_ns=[100, 1000], etcd_ns=[100, 1000], idle_intervals=2, flip_intervals=1)  # fmt: skip
-QUICK = dict(flips=10, etcd_flips=10, crashes=3, etcd_crashes=2, config_reps=5, calib=15,
+QUICK = dict(flips=10, etcd_flips=10, rotation_flips=10, crashes=3, etcd_crashes=2, config_reps=5, calib=15,
              ns=[10, 100], cost_ns=[100], etcd_ns=[100], idle_intervals=1, flip_intervals=1)  # fmt: skip
-PHASES = ["calibration", "baseline", "detection", "crash", "config", "etcd", "footprint"]
+PHASES = ["calibration", "baseline", "detection", "crash", "config", "etcd", "rotation", "footprint"]
 
 # Check IDs in the detection runs.
 WATCH, POLL, OWN = "tether:orders-watch", "tether:orders-poll", "consul-grpc"
@@ -394,6 +395,85 @@ class Bench:
         }
         log("etcd:", json.dumps({k: v for k, v in self.results["detection_etcd"].items() if k != "raw_ms"}))
 
+    def phase_rotation(self) -> None:
+        """A real grpc-go client (etcd's own resolver, round_robin, a
+        Health/Check every 0.5 ms) over two backends that tether (watch mode)
+        registers in etcd. Flip one NOT_SERVING: time until the client sent its
+        last call to it (it left the client's rotation); flip it back: time
+        until the client sent it its first call again. Also when the
+        client's resolver reported the change. Times come from the client's
+        own wall clock (Go's time.Now, CLOCK_REALTIME) against the benchmark's
+        time.time_ns() taken just before the flip command."""
+        if not self.args.go_client:
+            raise SystemExit("rotation phase: --go-client is required (scripts/bench.sh builds tests/go/etcdclient)")
+        servers = [HealthServer(self.procs, self.args.health_server, 0, [], self.path(f"rotation-server-{i}.log")) for i in range(2)]
+        flipped, steady = servers
+        a, b = f"127.0.0.1:{flipped.port}", f"127.0.0.1:{steady.port}"
+        files = {f"rot-{i}.toml": service_file("rotation", f"rot-{i}", s.port, "", "watch") for i, s in enumerate(servers)}
+        t = Tether(self.procs, self.args.tether, self.path("tether-rotation", "x"), "bench-rotation", "etcd", self.etcd.url, files)
+        c = GoClient(self.procs, self.args.go_client, self.etcd.url, "services/rotation/", self.path("etcdclient.log"))
+
+        def rotation_is(want: set[str], after_ns: int):
+            # Two complete windows in a row, both begun after `after_ns`, answered by exactly `want`.
+            def pred(windows, _resolved):
+                w = [x for x in windows[-2:] if x["t_ns"] - 20_000_000 > after_ns]
+                return len(w) == 2 and all(set(x["served"]) == want for x in w)
+
+            return pred
+
+        out_ms, back_ms, res_out_ms, res_back_ms, missed = [], [], [], [], 0
+        try:
+            if not c.wait(rotation_is({a, b}, 0), 30):
+                raise RuntimeError(f"rotation: the Go client never used both backends; see {self.path('etcdclient.log')}")
+            for i in range(self.cfg["rotation_flips"]):
+                sleep_dephased(0.05, 0.6)
+                t0 = time.time_ns()
+                flipped.set("not_serving")
+                if not c.wait(rotation_is({b}, t0), 10):
+                    missed += 1
+                else:
+                    with c.cond:
+                        lasts = [w["last_ns"][a] for w in c.windows if w["t_ns"] >= t0 and a in w.get("last_ns", {})]
+                        res = [r["t_ns"] for r in c.resolved if r["t_ns"] >= t0 and all(x["addr"] != a for x in r["addrs"])]
+                    # The last call sent to it after the flip (none: it was out before the first call after t0).
+                    out_ms.append(round((max(lasts) - t0) / 1e6, 3) if lasts else 0.0)
+                    if res:
+                        res_out_ms.append(round((res[0] - t0) / 1e6, 3))
+                sleep_dephased(0.05, 0.6)
+                t1 = time.time_ns()
+                flipped.set("serving")
+                if not c.wait(rotation_is({a, b}, t1), 10):
+                    missed += 1
+                else:
+                    with c.cond:
+                        firsts = [w["first_ns"][a] for w in c.windows if w["t_ns"] >= t1 and a in w.get("first_ns", {})]
+                        res = [r["t_ns"] for r in c.resolved if r["t_ns"] >= t1 and any(x["addr"] == a for x in r["addrs"])]
+                    if firsts:
+                        back_ms.append(round((min(firsts) - t1) / 1e6, 3))
+                    if res:
+                        res_back_ms.append(round((res[0] - t1) / 1e6, 3))
+                if (i + 1) % 10 == 0:
+                    log(f"rotation: {i + 1}/{self.cfg['rotation_flips']} flip cycles")
+            with c.cond:
+                calls = sum(sum(w["served"].values()) for w in c.windows)
+                span = (c.windows[-1]["t_ns"] - c.windows[0]["t_ns"]) / 1e9 if len(c.windows) > 1 else 0
+        finally:
+            c.stop()
+            code, secs = t.stop()
+            for s in servers:
+                s.stop()
+        self.results["rotation_etcd"] = {
+            "out_of_rotation": summary(out_ms),
+            "back_in_rotation": summary(back_ms),
+            "resolver_drops": summary(res_out_ms),
+            "resolver_adds": summary(res_back_ms),
+            "missed": missed,
+            "calls_per_s": round(calls / span, 1) if span else None,
+            "raw_ms": {"out": out_ms, "back": back_ms},
+            "tether_exit": {"code": code, "seconds": round(secs, 2)},
+        }
+        log("rotation:", json.dumps({k: v for k, v in self.results["rotation_etcd"].items() if k != "raw_ms"}))
+
     def phase_footprint(self) -> None:
         """tether with N services (one server, N health service names): RSS and
         CPU idle and while flipping, registry writes, and the registry's own
@@ -542,6 +622,7 @@ def main() -> int:
     ap.add_argument("--tether", required=True)
     ap.add_argument("--health-server", required=True)
     ap.add_argument("--tools", required=True, help="folder with consul and etcd")
+    ap.add_argument("--go-client", help="tests/go/etcdclient, built (the rotation phase needs it)")
     ap.add_argument("--out", required=True, help="folder for results.json, report.md and logs")
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 flips, 10 and 100 services, short windows")
     ap.add_argument("--flips", type=int, help="flip cycles (NOT_SERVING then SERVING) against Consul and etcd")
@@ -553,7 +634,7 @@ def main() -> int:
     args = ap.parse_args()
     cfg = dict(QUICK if args.quick else FULL)
     if args.flips:
-        cfg["flips"] = cfg["etcd_flips"] = args.flips
+        cfg["flips"] = cfg["etcd_flips"] = cfg["rotation_flips"] = args.flips
     if args.services:
         cfg["ns"] = [int(x) for x in args.services.split(",")]
         cfg["cost_ns"] = [n for n in cfg["ns"] if n >= 100]

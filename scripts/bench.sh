@@ -13,7 +13,7 @@
 # --phases calibration,detection); see python3 bench/run.py --help.
 #
 # Builds tether and the example health server in release mode with
-# CARGO_TARGET_DIR (default target/). A full run takes about 13-15 minutes on a
+# CARGO_TARGET_DIR (default target/), and the grpc-go client of tests/go. A full run takes about 13-15 minutes on a
 # 2-core machine. Every process it starts is stopped at the end, also on error
 # or Ctrl-C (run.py: try/finally, PR_SET_PDEATHSIG).
 set -euo pipefail
@@ -39,6 +39,9 @@ case "$target" in /*) ;; *) target="$root/$target" ;; esac
 bash scripts/install-deps.sh
 echo "== building tether and the example health server (release, CARGO_TARGET_DIR=$target)" >&2
 CARGO_TARGET_DIR="$target" cargo build --release --quiet --bin tether --example health_server
+echo "== building the grpc-go client (tests/go/etcdclient; GOPATH mode, Debian's grpc-go 1.33 and etcd 3.4 sources)" >&2
+GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE="$target/release/go/cache" GOFLAGS="" \
+    go build -o "$target/release/go/etcdclient" ./tests/go/etcdclient
 
 command -v python3 >/dev/null || { echo "bench.sh: python3 (3.11+) is needed" >&2; exit 1; }
 python3 - <<'PY' || { echo "bench.sh: python3 3.11 or newer is needed" >&2; exit 1; }
@@ -54,6 +57,7 @@ cmd="scripts/bench.sh"
 exec python3 bench/run.py \
     --tether "$target/release/tether" \
     --health-server "$target/release/examples/health_server" \
+    --go-client "$target/release/go/etcdclient" \
     --tools "$root/.tools/bin" \
     --out "$out" \
     --command "$cmd" \

@@ -4,10 +4,14 @@
 #   - the Debian packaging tools (scripts/package.sh and its test): cargo-deb
 #     (crates.io, pinned), lintian, dpkg-dev (dpkg-shlibdeps), binutils (strip)
 #     and systemd-analyze (apt);
+#   - Go and the Go sources the interop tests' grpc-go peers are built from
+#     (apt: golang-go, golang-google-grpc-dev = grpc-go 1.33,
+#     golang-etcd-server-dev = etcd 3.4 with clientv3/naming/resolver), built
+#     offline in GOPATH mode by tests/support (see tests/go/);
 #   - Consul 1.8.7 (Debian bullseye's `consul`) and etcd 3.4.23 (bookworm's
 #     `etcd-server`, `etcd-client`), unpacked into the git-ignored .tools/ folder
 #     without touching the system's apt configuration.
-# Afterwards: .tools/bin/{consul,etcd,etcdctl} exist.
+# Afterwards: .tools/bin/{consul,etcd,etcdctl} and `go` exist.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,12 +25,19 @@ sudo_if_needed() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# --- protoc -----------------------------------------------------------------
-if ! command -v protoc >/dev/null 2>&1; then
-    log "installing protobuf-compiler (apt)"
+# --- system packages (apt): protoc; Go and grpc-go/etcd sources --------------
+# Installed only when missing (dpkg-query), one apt-get update at most.
+missing=()
+for pkg in protobuf-compiler golang-go golang-google-grpc-dev golang-etcd-server-dev; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]} (apt)"
     sudo_if_needed apt-get update -qq
-    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+[ -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3/naming/resolver ] \
+    || { log "go.etcd.io/etcd/clientv3/naming/resolver is missing under /usr/share/gocode/src"; exit 1; }
 
 # --- packaging: lintian, dpkg-shlibdeps, strip, systemd-analyze (apt) --------
 apt_missing=()

@@ -2,9 +2,13 @@
 //! own etcd resolver reads.
 //!
 //! Key `<prefix>/<name>/<id>`, value
-//! `{"Op":0,"Addr":"host:port","Metadata":{...}}` (gRPC-Go's
-//! `naming/endpoints` update, Op 0 = Add), with tether's fields inside
-//! `Metadata`. A key exists only while its service is passing. All keys hang on
+//! `{"Op":0,"Addr":"host:port","Metadata":"{\"id\":...}"}` (gRPC-Go's
+//! `naming/endpoints` update, Op 0 = Add), with tether's fields JSON-encoded
+//! into one string in `Metadata`: etcd's resolver copies `Metadata` into
+//! `resolver.Address.Metadata`, which grpc-go hashes and compares, so an object
+//! or array there panics the client ("hash of unhashable type"). Values an
+//! earlier tether wrote with `Metadata` as an object are still read (and
+//! rewritten in place by anti-entropy). A key exists only while its service is passing. All keys hang on
 //! one lease per agent (TTL = the shortest service ttl), kept alive at ttl/3:
 //! one keepalive stream however many services, and if tether dies every key
 //! vanishes within the TTL. A restarted tether adopts its previous lease when it
@@ -28,14 +32,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The value gRPC-Go's `naming/endpoints` manager writes and its resolver reads.
+/// Serialized with `Metadata` as one JSON string; read from that or from the
+/// earlier format with `Metadata` as an object (`legacy`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(into = "Wire", try_from = "Wire")]
 pub struct EndpointUpdate {
-    #[serde(rename = "Op")]
     pub op: u8,
-    #[serde(rename = "Addr")]
     pub addr: String,
-    #[serde(rename = "Metadata")]
     pub metadata: Metadata,
+    /// Read from the earlier format (`Metadata` as a JSON object).
+    pub legacy: bool,
 }
 
 /// tether's fields inside the endpoint's `Metadata`.
@@ -51,6 +57,57 @@ pub struct Metadata {
     pub managed_by: String,
     #[serde(default)]
     pub health: String,
+}
+
+/// The stored JSON.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    #[serde(rename = "Op")]
+    op: u8,
+    #[serde(rename = "Addr")]
+    addr: String,
+    #[serde(rename = "Metadata")]
+    metadata: WireMetadata,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum WireMetadata {
+    /// `Metadata` as a JSON-encoded string: hashable in grpc-go.
+    Encoded(String),
+    /// `Metadata` as an object, as an earlier tether wrote it.
+    Legacy(Metadata),
+}
+
+impl From<EndpointUpdate> for Wire {
+    fn from(v: EndpointUpdate) -> Wire {
+        let metadata = WireMetadata::Encoded(serde_json::to_string(&v.metadata).expect("serializable"));
+        Wire { op: v.op, addr: v.addr, metadata }
+    }
+}
+
+impl TryFrom<Wire> for EndpointUpdate {
+    type Error = serde_json::Error;
+
+    fn try_from(w: Wire) -> std::result::Result<Self, Self::Error> {
+        let (metadata, legacy) = match w.metadata {
+            WireMetadata::Encoded(s) => (serde_json::from_str(&s)?, false),
+            WireMetadata::Legacy(m) => (m, true),
+        };
+        Ok(EndpointUpdate { op: w.op, addr: w.addr, metadata, legacy })
+    }
+}
+
+impl EndpointUpdate {
+    /// The value's format, part of every fingerprint: a key in the earlier
+    /// format never looks "in sync", so anti-entropy rewrites it in place.
+    fn format(&self) -> &'static str {
+        if self.legacy {
+            "metadata-object"
+        } else {
+            "metadata-string"
+        }
+    }
 }
 
 pub struct Etcd {
@@ -194,6 +251,7 @@ impl EtcdView {
                 managed_by: "tether".into(),
                 health: health.into(),
             },
+            legacy: false,
         }
     }
 }
@@ -272,7 +330,7 @@ impl Etcd {
                 let health = Health::passing(v.metadata.health.clone());
                 let mut bare = v.clone();
                 bare.metadata.health = String::new();
-                let fingerprint = format!("{key}|{}|lease:{lease}", serde_json::to_string(&bare).expect("serializable"));
+                let fingerprint = format!("{key}|{}|lease:{lease}|{}", serde_json::to_string(&bare).expect("serializable"), v.format());
                 self.keys.insert(v.metadata.id.clone(), key);
                 RemoteEntry { id: v.metadata.id, name: v.metadata.name, fingerprint, health: Some(health) }
             })
@@ -318,7 +376,8 @@ impl View for EtcdView {
 
     fn fingerprint(&self, spec: &ServiceSpec) -> String {
         let v = self.value(spec, "");
-        format!("{}|{}|lease:{}", self.key(&spec.name, &spec.id), serde_json::to_string(&v).expect("serializable"), self.lease_id())
+        let key = self.key(&spec.name, &spec.id);
+        format!("{key}|{}|lease:{}|{}", serde_json::to_string(&v).expect("serializable"), self.lease_id(), v.format())
     }
 
     fn refresh_after(&self) -> Option<Duration> {
@@ -463,5 +522,82 @@ impl Registry for Etcd {
             self.view.lease.store(0, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn metadata() -> Metadata {
+        Metadata {
+            id: "orders-1".into(),
+            name: "orders".into(),
+            tags: vec!["grpc".into()],
+            meta: BTreeMap::from([("version".into(), "1.2.3".into())]),
+            node: "web-1".into(),
+            managed_by: "tether".into(),
+            health: "SERVING".into(),
+        }
+    }
+
+    fn metadata_json() -> Value {
+        json!({"id": "orders-1", "name": "orders", "tags": ["grpc"], "meta": {"version": "1.2.3"}, "node": "web-1", "managed_by": "tether", "health": "SERVING"})
+    }
+
+    #[test]
+    fn writes_metadata_as_one_json_string() {
+        let v = EndpointUpdate { op: 0, addr: "10.0.0.5:50051".into(), metadata: metadata(), legacy: false };
+        let written: Value = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        let encoded = written["Metadata"].as_str().expect("Metadata is a string, never an object or array");
+        assert_eq!(serde_json::from_str::<Value>(encoded).unwrap(), metadata_json());
+        assert_eq!(written["Op"], 0);
+        assert_eq!(written["Addr"], "10.0.0.5:50051");
+        assert_eq!(written.as_object().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn parses_the_string_format() {
+        let raw = json!({"Op": 0, "Addr": "10.0.0.5:50051", "Metadata": metadata_json().to_string()});
+        let v: EndpointUpdate = serde_json::from_value(raw).unwrap();
+        assert_eq!(v, EndpointUpdate { op: 0, addr: "10.0.0.5:50051".into(), metadata: metadata(), legacy: false });
+        assert_eq!(v.format(), "metadata-string");
+        // Round trip.
+        assert_eq!(serde_json::from_str::<EndpointUpdate>(&serde_json::to_string(&v).unwrap()).unwrap(), v);
+    }
+
+    #[test]
+    fn parses_the_earlier_object_format_as_legacy() {
+        let raw = json!({"Op": 0, "Addr": "10.0.0.5:50051", "Metadata": metadata_json()});
+        let v: EndpointUpdate = serde_json::from_value(raw).unwrap();
+        assert_eq!(v.metadata, metadata());
+        assert!(v.legacy);
+        assert_eq!(v.format(), "metadata-object");
+        // Re-serialized, it is in the new format.
+        let written: Value = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        assert!(written["Metadata"].is_string());
+    }
+
+    #[test]
+    fn same_service_in_both_formats_differs_only_by_the_format_marker() {
+        let new = EndpointUpdate { op: 0, addr: "10.0.0.5:50051".into(), metadata: metadata(), legacy: false };
+        let old: EndpointUpdate = serde_json::from_value(json!({"Op": 0, "Addr": "10.0.0.5:50051", "Metadata": metadata_json()})).unwrap();
+        // Serialized alike, so without the marker an old key would look in sync.
+        assert_eq!(serde_json::to_string(&old).unwrap(), serde_json::to_string(&new).unwrap());
+        assert_ne!(old.format(), new.format());
+    }
+
+    #[test]
+    fn rejects_values_that_are_not_tethers() {
+        for raw in [
+            json!({"Op": 0, "Addr": "a:1", "Metadata": null}),
+            json!({"Op": 0, "Addr": "a:1", "Metadata": "not json"}),
+            json!({"Op": 0, "Addr": "a:1", "Metadata": "{\"zone\":\"b\"}"}),
+            json!({"Op": 0, "Addr": "a:1", "Metadata": ["x"]}),
+            json!({"Op": 0, "Addr": "a:1"}),
+        ] {
+            assert!(serde_json::from_value::<EndpointUpdate>(raw.clone()).is_err(), "{raw}");
+        }
     }
 }

@@ -743,6 +743,231 @@ impl HealthServer {
     }
 }
 
+// ---------------------------------------------------------------- Go peers
+
+/// A Go program under tests/go/NAME, built offline in GOPATH mode against
+/// Debian's grpc-go 1.33 and etcd 3.4 sources (/usr/share/gocode) into
+/// `<target>/<profile>/go/NAME`, once, and again when its source is newer.
+pub fn go_bin(name: &str) -> PathBuf {
+    let src = root().join("tests/go").join(name);
+    let out_dir = tether_bin().parent().unwrap().join("go");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let bin = out_dir.join(name);
+    // One build at a time across the test processes (nextest runs each test in its own).
+    let lock = std::fs::File::create(out_dir.join(format!(".{name}.lock"))).unwrap();
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap();
+    let newest_src = std::fs::read_dir(&src)
+        .unwrap_or_else(|e| panic!("{}: {e}", src.display()))
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max()
+        .unwrap();
+    if std::fs::metadata(&bin).and_then(|m| m.modified()).is_ok_and(|built| built >= newest_src) {
+        return bin;
+    }
+    let go = ["/usr/bin/go", "/usr/lib/go/bin/go"].into_iter().map(PathBuf::from).find(|p| p.exists()).unwrap_or_else(|| {
+        panic!("go is missing: run scripts/install-deps.sh (installs golang-go, golang-google-grpc-dev, golang-etcd-server-dev)")
+    });
+    assert!(
+        Path::new("/usr/share/gocode/src/go.etcd.io/etcd/clientv3/naming/resolver").exists()
+            && Path::new("/usr/share/gocode/src/google.golang.org/grpc/health").exists(),
+        "grpc-go / etcd Go sources are missing under /usr/share/gocode: run scripts/install-deps.sh"
+    );
+    let tmp = out_dir.join(format!(".{name}.tmp"));
+    let started = Instant::now();
+    let result = Command::new(go)
+        .args(["build", "-o"])
+        .arg(&tmp)
+        .arg(".")
+        .current_dir(&src)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GOCACHE", out_dir.join("cache"))
+        .env("GOFLAGS", "")
+        .output()
+        .expect("run go build");
+    assert!(result.status.success(), "go build of tests/go/{name} failed:\n{}", String::from_utf8_lossy(&result.stderr));
+    std::fs::rename(&tmp, &bin).unwrap();
+    eprintln!("built {} in {:?}", bin.display(), started.elapsed());
+    bin
+}
+
+/// Reads a child's stdout lines (JSON objects) on a thread.
+struct Lines {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Lines {
+    fn spawn(out: ChildStdout) -> Lines {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if let Ok(v) = serde_json::from_str(&line) {
+                    l.lock().unwrap().push(v);
+                }
+            }
+        });
+        Lines { lines }
+    }
+}
+
+/// The grpc-go client (tests/go/etcdclient): dials `etcd:///<target>` with
+/// etcd's own resolver and round_robin, calls Health/Check every 2 ms, and
+/// reports which backends answered in every 100 ms window.
+pub struct GoClient {
+    child: Child,
+    lines: Lines,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GoClient {
+    pub fn start(etcd: &Etcd, target: &str) -> GoClient {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("etcdclient.log");
+        let mut child = Command::new(go_bin("etcdclient"))
+            .arg(format!("-endpoints={}", etcd.endpoints().join(",")))
+            .arg(format!("-target={target}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start etcdclient");
+        let lines = Lines::spawn(child.stdout.take().unwrap());
+        GoClient { child, lines, log, _dir: dir }
+    }
+
+    fn events(&self, kind: &str) -> Vec<Value> {
+        self.lines.lines.lock().unwrap().iter().filter(|v| v["event"] == kind).cloned().collect()
+    }
+
+    /// Panics (with its stderr) if the client died, e.g. a resolver panic.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("etcdclient exited with {status}:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+
+    /// The backends that answered in the latest complete window (its rotation).
+    pub fn rotation(&mut self) -> Option<std::collections::BTreeSet<String>> {
+        self.assert_alive();
+        let w = self.events("window").pop()?;
+        Some(w["served"].as_object()?.keys().cloned().collect())
+    }
+
+    /// The latest address list from the resolver: (addr, tether's metadata decoded by the Go client).
+    pub fn resolved(&mut self) -> Option<Vec<(String, Value)>> {
+        self.assert_alive();
+        let r = self.events("resolved").pop()?;
+        Some(r["addrs"].as_array()?.iter().map(|a| (a["addr"].as_str().unwrap_or("").to_string(), a["metadata"].clone())).collect())
+    }
+
+    /// Wait until the client's rotation is exactly `addrs` (two windows in a row).
+    pub fn wait_rotation(&mut self, addrs: &[String], limit: Duration) {
+        let want: std::collections::BTreeSet<String> = addrs.iter().cloned().collect();
+        wait_for(limit, &format!("the Go client's round robin to be exactly {want:?}"), || {
+            let windows = self.events("window");
+            self.assert_alive();
+            let sets: Vec<_> = windows
+                .iter()
+                .rev()
+                .take(2)
+                .map(|w| w["served"].as_object().map(|m| m.keys().cloned().collect::<std::collections::BTreeSet<_>>()))
+                .collect();
+            (sets.len() == 2 && sets.iter().all(|s| s.as_ref() == Some(&want))).then_some(())
+        });
+    }
+}
+
+impl Drop for GoClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A grpc-go server with grpc-go's own health service and default settings
+/// (tests/go/healthserver), driven on stdin like [`HealthServer`].
+pub struct GoHealthServer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Option<BufReader<ChildStdout>>,
+    pub port: u16,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GoHealthServer {
+    pub fn start() -> GoHealthServer {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("healthserver.log");
+        let mut child = Command::new(go_bin("healthserver"))
+            .arg("127.0.0.1:0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start Go health server");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("Go health server said {line:?}"));
+        GoHealthServer { child, stdin, stdout: Some(stdout), port, log, _dir: dir }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// "serving" or "not_serving"; returns once the server applied it.
+    pub fn set(&mut self, status: &str) {
+        writeln!(self.stdin, "{status}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.as_mut().expect("server not stopped").read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok");
+    }
+
+    /// `health.Shutdown()` then `GracefulStop()`; waits up to `limit` for
+    /// GracefulStop to return and gives the time it took, as the server measured it.
+    pub fn stop_gracefully(&mut self, limit: Duration) -> Duration {
+        writeln!(self.stdin, "stop").unwrap();
+        self.stdin.flush().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut stdout = self.stdout.take().expect("server not stopped");
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = stdout.read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(limit)
+            .unwrap_or_else(|_| panic!("GracefulStop did not return within {limit:?}; server log:\n{}", self.server_log()));
+        let ms: u64 = line
+            .trim()
+            .strip_prefix("stopped in ")
+            .and_then(|s| s.strip_suffix(" ms"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("Go health server said {line:?}"));
+        wait_for(limit, "the Go health server to exit", || self.child.try_wait().ok().flatten());
+        Duration::from_millis(ms)
+    }
+
+    /// grpc-go's own log (stderr, verbosity 2).
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for GoHealthServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Consul {
     /// Consul's own log so far.
     pub fn log_text(&self) -> String {
