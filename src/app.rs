@@ -14,6 +14,7 @@ use crate::registry::consul::Consul;
 use crate::registry::etcd::Etcd;
 use crate::registry::Registry;
 use crate::telemetry::{http, systemd, Telemetry};
+use crate::{control, identity};
 use anyhow::Context;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,12 +32,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let reload = Arc::new(Notify::new());
     let sighup = Arc::new(AtomicBool::new(false));
     spawn_signals(shutdown.clone(), reload.clone(), sighup.clone())?;
-    tracing::info!(config = %config.path.display(), services_dir = %config.services_dir.display(), node = %config.node, backend = config.backend.kind().as_str(), "tether starting");
+    tracing::info!(config = %config.path.display(), services_dir = %config.services_dir.display(), owner = %config.owner(), backend = config.backend.kind().as_str(), "tether starting");
+    // Never two owners of one identity: on this host, a lock; see `identity`.
+    let _lock = identity::lock(&config)?;
     let endpoint = match &config.backend {
         BackendConfig::Consul(c) => c.address.clone(),
         BackendConfig::Etcd(e) => e.endpoints.join(","),
     };
     let telemetry = Arc::new(Telemetry::new(&config.node, config.backend.kind().as_str(), &endpoint));
+    telemetry.with_status(|s| s.instance = config.instance.clone());
     if let Some(addr) = config.listen {
         http::serve(addr, telemetry.clone(), shutdown.clone())
             .await
@@ -46,14 +50,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     match &config.backend {
         BackendConfig::Consul(c) => {
             let token_file = c.token_file.clone().or_else(|| agent::credential_path("consul.token"));
-            let mut consul = Consul::new(&c.address, c.tls.clone(), &config.node)
+            let mut consul = Consul::new(&c.address, c.tls.clone(), &config.owner())
                 .map_err(|e| anyhow::anyhow!("{}: [consul] {e}", config.path.display()))?;
             if let Some(file) = token_file {
                 consul = consul.with_token_file(file)?;
             }
             pipeline.run(consul).await
         }
-        BackendConfig::Etcd(e) => pipeline.run(Etcd::new(e.clone(), &config.node)).await,
+        BackendConfig::Etcd(e) => pipeline.run(Etcd::new(e.clone(), &config.owner())).await,
     }
 }
 
@@ -66,10 +70,25 @@ struct Pipeline<'a> {
 }
 
 impl Pipeline<'_> {
-    async fn run<R: Registry>(self, registry: R) -> anyhow::Result<()> {
+    async fn run<R: Registry>(self, mut registry: R) -> anyhow::Result<()> {
         let config = self.config;
+        // Across hosts, the registry: another live agent with this identity
+        // refuses this one before it writes anything.
+        match registry.claim().await {
+            Ok(None) => {}
+            Ok(Some(why)) => return Err(identity::refusal(config, &why)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for another agent with this identity in the registry (unreachable?); starting anyway")
+            }
+        }
+        let (control_tx, control_rx) = mpsc::channel(16);
+        control::serve(config.control_socket(), control_tx, self.shutdown.clone()).await.map_err(|e| {
+            anyhow::anyhow!("{}: control socket: {e}; set runtime_dir to a directory tether may write", config.path.display())
+        })?;
         let reconciler = Reconciler::new(registry, &config.node, config.deregister_on_shutdown, self.telemetry.clone())
-            .map_err(|e| anyhow::anyhow!("{}: cannot set up the registry connection: {e}", config.path.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: cannot set up the registry connection: {e}", config.path.display()))?
+            .with_control(control_rx)
+            .with_anti_entropy_every(config.anti_entropy_every);
         let (desired_tx, desired_rx) = mpsc::channel(4);
         let reconcile_token = self.shutdown.child_token();
         let reconcile = tokio::spawn(reconciler.run(desired_rx, reconcile_token.clone()));

@@ -38,6 +38,22 @@ enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// This agent's name among several on one host (one per pod); wins
+        /// over `instance` in the config. Ownership becomes node + instance.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Take services out of the registry's healthy set (Consul: maintenance
+    /// mode; etcd: key deleted) and keep them out, whatever their health,
+    /// until `undrain`. Talks to the running agent over its control socket.
+    Drain {
+        #[command(flatten)]
+        target: DrainTarget,
+    },
+    /// Put drained services back (each then shows its real health).
+    Undrain {
+        #[command(flatten)]
+        target: DrainTarget,
     },
     /// Check the agent config and service files offline; exit 1 on any error.
     Validate {
@@ -92,6 +108,28 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct DrainTarget {
+    /// Service ids (as in `tether status`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    ids: Vec<String>,
+    /// Every service the agent runs now.
+    #[arg(long)]
+    all: bool,
+    /// Return only once the registry shows it (exit 1 after --timeout).
+    #[arg(long)]
+    wait: bool,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// The agent's config (default /etc/tether/tether.toml, or
+    /// /etc/tether/INSTANCE/tether.toml with --instance).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The agent's instance (as given to `run --instance`).
+    #[arg(long)]
+    instance: Option<String>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Generate {
     /// tether.1 and one page per subcommand (tether-run.1, ...).
@@ -131,9 +169,15 @@ pub fn main() -> ExitCode {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     match cli.command {
-        Command::Run { config, log_format } => {
+        Command::Run { config, log_format, instance } => {
             init_logging(log_format);
-            let config = match agent::load(&config) {
+            let loaded = agent::load(&config).and_then(|mut c| {
+                if let Some(i) = &instance {
+                    c.set_instance(i)?;
+                }
+                Ok(c)
+            });
+            let config = match loaded {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -158,6 +202,78 @@ pub fn main() -> ExitCode {
             runtime.block_on(check(&addr, &service, timeout, tls.as_ref()))
         }
         Command::Generate { what } => generate(what),
+        Command::Drain { target } => drain(target, true),
+        Command::Undrain { target } => drain(target, false),
+    }
+}
+
+/// `tether drain` / `tether undrain`: ask the running agent, then (with
+/// --wait) poll until its registry shows it.
+fn drain(t: DrainTarget, on: bool) -> ExitCode {
+    use crate::control::{request, Request};
+    let path = t.config.clone().unwrap_or_else(|| match &t.instance {
+        Some(i) => std::path::Path::new("/etc/tether").join(i).join("tether.toml"),
+        None => PathBuf::from(agent::DEFAULT_PATH),
+    });
+    let config = agent::load(&path).and_then(|mut c| {
+        if let Some(i) = &t.instance {
+            c.set_instance(i)?;
+        }
+        Ok(c)
+    });
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let socket = config.control_socket();
+    let ids = t.ids.clone();
+    let req = if on { Request::Drain { ids: ids.clone(), all: t.all } } else { Request::Undrain { ids: ids.clone(), all: t.all } };
+    let verb = if on { "drained" } else { "undrained" };
+    let answer = match request(&socket, &req) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(e) = answer.error {
+        eprintln!("tether: {e}");
+        return ExitCode::from(1);
+    }
+    let ids: Vec<String> = answer.services.iter().map(|s| s.id.clone()).collect();
+    if !t.wait {
+        for s in &answer.services {
+            println!("{verb} {}{}", s.id, if s.applied { "" } else { " (registry update queued)" });
+        }
+        return ExitCode::SUCCESS;
+    }
+    let deadline = std::time::Instant::now() + t.timeout;
+    loop {
+        match request(&socket, &Request::State { ids: ids.clone(), all: false }) {
+            Ok(r) if r.error.is_none() && r.services.iter().all(|s| s.applied && s.drained == on) => {
+                for s in &r.services {
+                    println!("{verb} {} (the registry shows it)", s.id);
+                }
+                return ExitCode::SUCCESS;
+            }
+            Ok(r) if r.error.is_some() => {
+                eprintln!("tether: {}", r.error.unwrap_or_default());
+                return ExitCode::from(1);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("tether: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!("tether: the registry does not show it yet after {}; see `tether status`", humantime::format_duration(t.timeout));
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -59,13 +59,52 @@ impl BackendConfig {
     }
 }
 
+/// Who owns the registrations an agent makes: its node, and its instance on
+/// that node when several agents share a host (one per pod). Anti-entropy
+/// touches only records of its own owner.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub node: String,
+    pub instance: Option<String>,
+}
+
+impl Owner {
+    pub fn new(node: &str, instance: Option<&str>) -> Self {
+        Owner { node: node.to_string(), instance: instance.map(str::to_string) }
+    }
+
+    /// `node`, or `node@instance`: in ids, logs and errors.
+    pub fn label(&self) -> String {
+        match &self.instance {
+            None => self.node.clone(),
+            Some(i) => format!("{}@{i}", self.node),
+        }
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// Default period of anti-entropy.
+pub const ANTI_ENTROPY_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub path: PathBuf,
     pub services_dir: PathBuf,
-    /// Owner recorded on every registration.
+    /// Owner recorded on every registration (with `instance`).
     pub node: String,
+    /// This agent's name among several on one host; `None` = the host-wide agent.
+    pub instance: Option<String>,
+    /// Where the identity lock and the control socket live; `None` = the default
+    /// (`/run/tether`, or `/run/tether/<instance>`).
+    pub runtime_dir: Option<PathBuf>,
+    /// Period of anti-entropy (±20 %).
+    pub anti_entropy_every: std::time::Duration,
     /// Local HTTP listener for status and metrics; `None` = off.
     pub listen: Option<SocketAddr>,
     pub deregister_on_shutdown: bool,
@@ -73,10 +112,68 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// What service files inherit from the agent.
+    /// What service files inherit from the agent. With an instance, default
+    /// ids carry it too, so two pods' agents on one host never share an id.
     pub fn defaults(&self) -> Defaults {
-        Defaults { node: self.node.clone(), address: primary_ip(), backend: self.backend.kind() }
+        let node = match &self.instance {
+            None => self.node.clone(),
+            Some(i) => format!("{}-{i}", self.node),
+        };
+        Defaults { node, address: primary_ip(), backend: self.backend.kind() }
     }
+
+    pub fn owner(&self) -> Owner {
+        Owner::new(&self.node, self.instance.as_deref())
+    }
+
+    /// Set the instance (`run --instance` wins over the file).
+    pub fn set_instance(&mut self, instance: &str) -> Result<(), ConfigError> {
+        check_instance(instance).map_err(|(msg, hint)| ConfigError::new(&self.path, format!("--instance: {msg}"), hint))?;
+        self.instance = Some(instance.to_string());
+        Ok(())
+    }
+
+    /// `runtime_dir`, else systemd's `$RUNTIME_DIRECTORY` (the unit's
+    /// `RuntimeDirectory=`), else `/run/tether` (`/run/tether/<instance>`),
+    /// which is what the units ask systemd for.
+    pub fn runtime_dir(&self) -> PathBuf {
+        if let Some(d) = &self.runtime_dir {
+            return d.clone();
+        }
+        if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY").and_then(|v| v.to_str()?.split(':').next().map(PathBuf::from)) {
+            if !d.as_os_str().is_empty() {
+                return d;
+            }
+        }
+        match &self.instance {
+            None => PathBuf::from("/run/tether"),
+            Some(i) => Path::new("/run/tether").join(i),
+        }
+    }
+
+    /// The control socket of the running agent (drain, undrain).
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir().join(match &self.instance {
+            None => "tether.sock".to_string(),
+            Some(i) => format!("tether@{i}.sock"),
+        })
+    }
+
+    /// Where the registry is, for messages and the identity lock.
+    pub fn registry_endpoint(&self) -> String {
+        match &self.backend {
+            BackendConfig::Consul(c) => c.address.clone(),
+            BackendConfig::Etcd(e) => e.endpoints.join(","),
+        }
+    }
+}
+
+/// An instance name: letters, digits, `-`, `_`, `.`, up to 64.
+fn check_instance(s: &str) -> Result<(), (String, &'static str)> {
+    if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err((format!("instance {s:?} is not a valid name"), "use letters, digits, '-', '_' and '.', up to 64 characters"));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -84,6 +181,9 @@ impl AgentConfig {
 struct RawAgent {
     services_dir: Option<PathBuf>,
     node: Option<Spanned<String>>,
+    instance: Option<Spanned<String>>,
+    runtime_dir: Option<PathBuf>,
+    anti_entropy_interval: Option<Spanned<super::duration::GoDuration>>,
     listen: Option<Spanned<String>>,
     deregister_on_shutdown: Option<bool>,
     allow_remote_listen: Option<bool>,
@@ -243,10 +343,34 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             })
         }
     };
+    let instance = match raw.instance {
+        None => None,
+        Some(i) => {
+            check_instance(i.get_ref()).map_err(|(msg, hint)| err(i.span(), msg, hint))?;
+            Some(i.into_inner())
+        }
+    };
+    let anti_entropy_every = match raw.anti_entropy_interval {
+        None => ANTI_ENTROPY_EVERY,
+        Some(d) => {
+            let v = d.get_ref().0;
+            if v < std::time::Duration::from_secs(1) {
+                return Err(err(
+                    d.span(),
+                    format!("anti_entropy_interval {} is too short", humantime::format_duration(v)),
+                    "use 1s or more (default 30s)",
+                ));
+            }
+            v
+        }
+    };
     Ok(AgentConfig {
         path: path.to_path_buf(),
         services_dir,
         node,
+        instance,
+        runtime_dir: raw.runtime_dir.map(|d| base.join(d)),
+        anti_entropy_every,
         listen,
         deregister_on_shutdown: raw.deregister_on_shutdown.unwrap_or(true),
         backend,

@@ -14,6 +14,6 @@ pub mod service;
 pub mod tls;
 pub mod watch;
 
-pub use agent::{AgentConfig, BackendConfig, BackendKind, ConsulConfig, EtcdConfig};
+pub use agent::{AgentConfig, BackendConfig, BackendKind, ConsulConfig, EtcdConfig, Owner};
 pub use error::ConfigError;
 pub use service::{CheckMode, CheckSpec, Defaults, ServiceSpec};

@@ -112,7 +112,7 @@ struct RawCheck {
 }
 
 /// Meta keys tether writes itself; a service file may not set them.
-pub const RESERVED_META: [&str; 2] = ["managed-by", "tether-node"];
+pub const RESERVED_META: [&str; 3] = ["managed-by", "tether-node", "tether-instance"];
 
 /// Read and validate one service file.
 pub fn load(path: &Path, defaults: &Defaults) -> Result<ServiceSpec, ConfigError> {

@@ -26,6 +26,7 @@ pub mod writer;
 
 use crate::backoff::{jitter, Backoff};
 use crate::config::ServiceSpec;
+use crate::control::{self, DrainState};
 use crate::health::conn::Connections;
 use crate::health::supervisor::{supervise, HealthChange};
 use crate::health::{Health, Status};
@@ -63,6 +64,7 @@ pub const WAITING: &str = "waiting for the first gRPC health result";
 struct Remote {
     fingerprint: String,
     health: Option<Health>,
+    maintenance: bool,
 }
 
 /// What the registry should hold for one service.
@@ -74,6 +76,8 @@ enum Desired {
     Present {
         fingerprint: String,
         health: Health,
+        /// Drained on a registry that keeps drained records (Consul's maintenance).
+        maintenance: bool,
     },
 }
 
@@ -91,6 +95,8 @@ struct Entry {
     last_write: Instant,
     last_write_at: Option<SystemTime>,
     last_error: Option<String>,
+    /// Taken out of the healthy set by `tether drain`, whatever its health.
+    drained: bool,
     generation: u64,
     probe: CancellationToken,
 }
@@ -137,6 +143,9 @@ pub struct Reconciler<R: Registry> {
     health_rx: mpsc::Receiver<HealthChange>,
     probes: TaskTracker,
     connections: Connections,
+    /// Requests from the control socket (drain, undrain).
+    control: Option<mpsc::Receiver<control::Command>>,
+    anti_entropy_every: Duration,
     /// Off in unit tests, which feed health changes themselves.
     probing: bool,
     telemetry: Arc<Telemetry>,
@@ -189,10 +198,24 @@ impl<R: Registry> Reconciler<R> {
             probes: TaskTracker::new(),
             connections: Connections::new(),
             probing: true,
+            control: None,
+            anti_entropy_every: ANTI_ENTROPY_EVERY,
             telemetry,
             watchdog_every: systemd::watchdog_every(),
             next_watchdog: now,
         })
+    }
+
+    /// Take drain and undrain requests from the control socket.
+    pub fn with_control(mut self, commands: mpsc::Receiver<control::Command>) -> Self {
+        self.control = Some(commands);
+        self
+    }
+
+    /// Anti-entropy's period (±20 %) when nothing goes wrong.
+    pub fn with_anti_entropy_every(mut self, every: Duration) -> Self {
+        self.anti_entropy_every = every;
+        self
     }
 
     /// Run until `shutdown` fires; `desired` delivers each new desired set.
@@ -218,9 +241,10 @@ impl<R: Registry> Reconciler<R> {
                 Some(change) = self.health_rx.recv() => self.apply_health(change),
                 Some(set) = desired.recv() => self.apply_desired(set),
                 Some(heartbeat::Failed(e)) = self.lane_failed.recv() => self.on_heartbeat_failed(e),
+                Some(command) = recv(&mut self.control) => self.on_control(command),
                 _ = sleep_until(self.next_anti_entropy) => {
                     self.sync_due = true;
-                    self.next_anti_entropy = Instant::now() + ANTI_ENTROPY_EVERY;
+                    self.next_anti_entropy = Instant::now() + self.anti_entropy_every;
                 }
                 _ = sleep_until(timer.unwrap_or(tick)), if timer.is_some() => self.fire_timers(),
                 _ = sleep_until(tick) => {}
@@ -338,6 +362,7 @@ impl<R: Registry> Reconciler<R> {
                             last_write: now,
                             last_write_at: None,
                             last_error: None,
+                            drained: false,
                             generation: self.generation,
                             probe,
                         },
@@ -394,6 +419,10 @@ impl<R: Registry> Reconciler<R> {
 
     /// What the registry should hold for an entry.
     fn desired(&self, entry: &Entry) -> Desired {
+        let keeps_drained = self.view.keeps_critical();
+        if entry.drained && !keeps_drained {
+            return Desired::Absent;
+        }
         let known = entry.health.clone().or_else(|| entry.remote.as_ref().and_then(|r| r.health.clone()));
         let health = match known {
             Some(h) => h,
@@ -409,7 +438,30 @@ impl<R: Registry> Reconciler<R> {
             }
         }
         // Computed afresh: it may depend on backend state (etcd's lease).
-        Desired::Present { fingerprint: self.view.fingerprint(&entry.spec), health }
+        Desired::Present { fingerprint: self.view.fingerprint(&entry.spec), health, maintenance: entry.drained }
+    }
+
+    /// The write that would make the registry hold the desired view of one
+    /// service, if any.
+    fn needed_write(&self, entry: &Entry) -> Option<Write> {
+        let refresh_due = self.view.refresh_after().is_some_and(|d| entry.last_write.elapsed() >= d);
+        let spec = entry.spec.clone();
+        let id = spec.id.clone();
+        match (self.desired(entry), &entry.remote) {
+            (Desired::Undecided, _) | (Desired::Absent, None) => None,
+            (Desired::Absent, Some(_)) => Some(Write::Deregister { id, name: spec.name.clone() }),
+            (Desired::Present { health, .. }, None) => Some(Write::Register { spec, health }),
+            (Desired::Present { fingerprint, health, .. }, Some(r)) if fingerprint != r.fingerprint => {
+                Some(Write::Register { spec, health })
+            }
+            (Desired::Present { health, .. }, Some(r)) if !same_health(&health, r.health.as_ref()) || refresh_due => {
+                Some(Write::Health { spec, health })
+            }
+            (Desired::Present { maintenance, .. }, Some(r)) if maintenance != r.maintenance => {
+                Some(Write::Maintenance { id, on: maintenance })
+            }
+            _ => None,
+        }
     }
 
     /// Queue (or un-queue) the write that makes the registry hold the desired
@@ -422,19 +474,7 @@ impl<R: Registry> Reconciler<R> {
         if entry.in_flight {
             return; // re-synced when the write finishes
         }
-        let refresh_due = self.view.refresh_after().is_some_and(|d| entry.last_write.elapsed() >= d);
-        let spec = entry.spec.clone();
-        let write = match (self.desired(entry), &entry.remote) {
-            (Desired::Undecided, _) | (Desired::Absent, None) => None,
-            (Desired::Absent, Some(_)) => Some(Write::Deregister { id: id.to_string(), name: spec.name.clone() }),
-            (Desired::Present { health, .. }, None) => Some(Write::Register { spec, health }),
-            (Desired::Present { fingerprint, health }, Some(r)) if fingerprint != r.fingerprint => Some(Write::Register { spec, health }),
-            (Desired::Present { health, .. }, Some(r)) if !same_health(&health, r.health.as_ref()) || refresh_due => {
-                Some(Write::Health { spec, health })
-            }
-            _ => None,
-        };
-        match write {
+        match self.needed_write(entry) {
             Some(w) => {
                 if !urgent {
                     self.fixes += 1;
@@ -484,7 +524,14 @@ impl<R: Registry> Reconciler<R> {
                     }
                     Write::Register { spec, health } => {
                         tracing::info!(service = %id, status = %health.status, "registered");
-                        entry.remote = Some(Remote { fingerprint: self.view.fingerprint(&spec), health: Some(health) });
+                        // A registration replaces every check, maintenance included.
+                        entry.remote = Some(Remote { fingerprint: self.view.fingerprint(&spec), health: Some(health), maintenance: false });
+                    }
+                    Write::Maintenance { on, .. } => {
+                        tracing::info!(service = %id, "{}", if on { "drained (maintenance on)" } else { "undrained (maintenance off)" });
+                        if let Some(r) = entry.remote.as_mut() {
+                            r.maintenance = on;
+                        }
                     }
                     Write::Health { health, .. } => {
                         tracing::debug!(service = %id, status = %health.status, "health written");
@@ -512,7 +559,7 @@ impl<R: Registry> Reconciler<R> {
         let was_retrying = self.retry.is_retrying();
         self.retry.reset();
         self.stale = false;
-        self.next_anti_entropy = Instant::now() + jitter(ANTI_ENTROPY_EVERY);
+        self.next_anti_entropy = Instant::now() + jitter(self.anti_entropy_every);
         if self.agent_synced.as_ref() != Some(&agent) {
             self.lane_agent.send_replace(Some(agent.clone()));
         }
@@ -522,7 +569,7 @@ impl<R: Registry> Reconciler<R> {
         }
         let mut by_id: HashMap<String, RemoteEntry> = remote.into_iter().map(|r| (r.id.clone(), r)).collect();
         for (id, entry) in self.entries.iter_mut() {
-            entry.remote = by_id.remove(id).map(|r| Remote { fingerprint: r.fingerprint, health: r.health });
+            entry.remote = by_id.remove(id).map(|r| Remote { fingerprint: r.fingerprint, health: r.health, maintenance: r.maintenance });
         }
         self.queue.clear();
         self.fixes = 0;
@@ -548,6 +595,56 @@ impl<R: Registry> Reconciler<R> {
             s.backend.connected = true;
             s.backend.last_error = None;
         });
+    }
+
+    /// A drain, undrain or drain-state request from the control socket.
+    fn on_control(&mut self, command: control::Command) {
+        let (ids, all) = match &command.request {
+            control::Request::Drain { ids, all } | control::Request::Undrain { ids, all } | control::Request::State { ids, all } => {
+                (ids.clone(), *all)
+            }
+        };
+        let mut targets: Vec<String> = if all { self.entries.keys().cloned().collect() } else { ids };
+        targets.sort();
+        targets.dedup();
+        let unknown: Vec<&str> = targets.iter().filter(|id| !self.entries.contains_key(*id)).map(String::as_str).collect();
+        let error = if !unknown.is_empty() {
+            Some(format!("no service with id {}; `tether status` lists the ids", unknown.join(", ")))
+        } else if targets.is_empty() && !all {
+            Some("name at least one service id, or use --all".to_string())
+        } else {
+            None
+        };
+        if let Some(error) = error {
+            let _ = command.reply.send(control::Response { error: Some(error), services: vec![] });
+            return;
+        }
+        let set = match command.request {
+            control::Request::Drain { .. } => Some(true),
+            control::Request::Undrain { .. } => Some(false),
+            control::Request::State { .. } => None,
+        };
+        if let Some(on) = set {
+            for id in &targets {
+                let entry = self.entries.get_mut(id).expect("checked");
+                if entry.drained != on {
+                    entry.drained = on;
+                    tracing::info!(service = %id, "{}", if on { "drain requested" } else { "undrain requested" });
+                    self.telemetry.metrics.service_drained.get_or_create(&Metrics::service(id)).set(i64::from(on));
+                }
+                self.sync(id, true);
+                self.publish(id);
+            }
+        }
+        let services = targets
+            .iter()
+            .map(|id| {
+                let entry = &self.entries[id];
+                let applied = !self.stale && !entry.in_flight && self.needed_write(entry).is_none();
+                DrainState { id: id.clone(), drained: entry.drained, applied }
+            })
+            .collect();
+        let _ = command.reply.send(control::Response { error: None, services });
     }
 
     fn on_heartbeat_failed(&mut self, e: RegistryError) {
@@ -589,6 +686,7 @@ impl<R: Registry> Reconciler<R> {
             last_write: e.last_write_at.map(rfc3339),
             last_heartbeat: None,
             last_error: e.last_error.clone(),
+            drained: e.drained,
         };
         self.telemetry.set_service(id, Some(status));
     }
@@ -627,6 +725,14 @@ impl<R: Registry> Reconciler<R> {
         if let Err(e) = registry.shutdown(true).await {
             tracing::warn!(error = %e, "could not remove tether's own registration; it will expire by TTL");
         }
+    }
+}
+
+/// The next message of an optional channel; never, without one.
+async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

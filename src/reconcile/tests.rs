@@ -87,7 +87,13 @@ impl Registry for Memory {
             .state()
             .records
             .iter()
-            .map(|(id, (name, fp, h))| RemoteEntry { id: id.clone(), name: name.clone(), fingerprint: fp.clone(), health: Some(h.clone()) })
+            .map(|(id, (name, fp, h))| RemoteEntry {
+                id: id.clone(),
+                name: name.clone(),
+                fingerprint: fp.clone(),
+                health: Some(h.clone()),
+                maintenance: false,
+            })
             .collect())
     }
     async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
@@ -107,9 +113,13 @@ impl Registry for Memory {
                 Write::Deregister { id, .. } => {
                     s.records.remove(id);
                 }
+                Write::Maintenance { .. } => {}
             }
         }
         (writes.len(), None)
+    }
+    async fn claim(&mut self) -> RegResult<Option<String>> {
+        Ok(None)
     }
     async fn shutdown(&mut self, _deregister: bool) -> RegResult<()> {
         Ok(())

@@ -19,7 +19,7 @@
 use super::{AgentInfo, ErrorKind, Heartbeat, Registry, RegistryError, RemoteEntry, Result, View, Write};
 use crate::config::agent::{credential_path, read_secret};
 use crate::config::tls::Rotation;
-use crate::config::{EtcdConfig, ServiceSpec};
+use crate::config::{EtcdConfig, Owner, ServiceSpec};
 use crate::health::{Health, Status};
 use backon::{ExponentialBuilder, Retryable};
 use etcd_client::{
@@ -54,6 +54,9 @@ pub struct Metadata {
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
     pub node: String,
+    /// The agent's instance on its node, when several share a host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     pub managed_by: String,
     #[serde(default)]
     pub health: String,
@@ -120,6 +123,19 @@ pub struct Etcd {
     lease_ttl: i64,
     /// The key each known id was last written under.
     keys: HashMap<String, String>,
+    /// This run's id, in the agent key.
+    run: String,
+    /// The lease the agent key was last written with.
+    agent_key_lease: i64,
+}
+
+/// The agent key's value: who holds this identity, on which lease.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct AgentRecord {
+    run: String,
+    lease: i64,
+    /// "alive", or "stopped" (a clean shutdown that left the keys to their TTL).
+    state: String,
 }
 
 /// How etcd records are compared; see [`View`]. Shares the current lease id
@@ -127,7 +143,7 @@ pub struct Etcd {
 #[derive(Debug, Clone)]
 pub struct EtcdView {
     prefix: String,
-    node: String,
+    owner: Owner,
     lease: Arc<AtomicI64>,
 }
 
@@ -247,7 +263,8 @@ impl EtcdView {
                 name: spec.name.clone(),
                 tags: spec.tags.clone(),
                 meta: spec.meta.clone(),
-                node: self.node.clone(),
+                node: self.owner.node.clone(),
+                instance: self.owner.instance.clone(),
                 managed_by: "tether".into(),
                 health: health.into(),
             },
@@ -257,20 +274,54 @@ impl EtcdView {
 }
 
 impl Etcd {
-    pub fn new(config: EtcdConfig, node: &str) -> Self {
-        let view = EtcdView { prefix: config.prefix.clone(), node: node.to_string(), lease: Arc::new(AtomicI64::new(0)) };
-        Etcd { config, view, client: None, rotation: None, lease_ttl: 0, keys: HashMap::new() }
+    pub fn new(config: EtcdConfig, owner: &Owner) -> Self {
+        let view = EtcdView { prefix: config.prefix.clone(), owner: owner.clone(), lease: Arc::new(AtomicI64::new(0)) };
+        Etcd {
+            config,
+            view,
+            client: None,
+            rotation: None,
+            lease_ttl: 0,
+            keys: HashMap::new(),
+            run: crate::identity::run_id(),
+            agent_key_lease: 0,
+        }
     }
 
     pub fn key(&self, name: &str, id: &str) -> String {
         self.view.key(name, id)
     }
 
+    /// `_tether/agents/<prefix>/<owner>`: outside the services prefix, so no
+    /// resolver ever reads it as an endpoint.
+    pub fn agent_key(&self) -> String {
+        format!("_tether/agents/{}/{}", self.config.prefix, self.view.owner.label())
+    }
+
+    async fn put_agent_record(&mut self, state: &str) -> Result<()> {
+        let lease = self.view.lease_id();
+        let record = AgentRecord { run: self.run.clone(), lease, state: state.into() };
+        let body = serde_json::to_string(&record).expect("serializable");
+        let key = self.agent_key();
+        let client = self.client().await?;
+        (|| {
+            let mut c = client.clone();
+            let (k, v) = (key.clone(), body.clone());
+            async move { c.put(k, v, Some(PutOptions::new().with_lease(lease))).await }
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await
+        .map_err(err)?;
+        self.agent_key_lease = lease;
+        Ok(())
+    }
+
     async fn client(&mut self) -> Result<Client> {
         client_of(&self.config, &mut self.client, &mut self.rotation, "the writer").await
     }
 
-    /// Everything under `<prefix>/` that names this node, with its lease.
+    /// Everything under `<prefix>/` that names this node and instance, with its lease.
     async fn owned(&mut self) -> Result<Vec<(String, EndpointUpdate, i64)>> {
         let client = self.client().await?;
         let prefix = format!("{}/", self.config.prefix);
@@ -289,7 +340,10 @@ impl Etcd {
             .filter_map(|kv| {
                 let v: EndpointUpdate = serde_json::from_slice(kv.value()).ok()?;
                 let key = kv.key_str().ok()?.to_string();
-                (v.metadata.managed_by == "tether" && v.metadata.node == self.view.node).then_some((key, v, kv.lease()))
+                (v.metadata.managed_by == "tether"
+                    && v.metadata.node == self.view.owner.node
+                    && v.metadata.instance == self.view.owner.instance)
+                    .then_some((key, v, kv.lease()))
             })
             .collect())
     }
@@ -332,7 +386,7 @@ impl Etcd {
                 bare.metadata.health = String::new();
                 let fingerprint = format!("{key}|{}|lease:{lease}|{}", serde_json::to_string(&bare).expect("serializable"), v.format());
                 self.keys.insert(v.metadata.id.clone(), key);
-                RemoteEntry { id: v.metadata.id, name: v.metadata.name, fingerprint, health: Some(health) }
+                RemoteEntry { id: v.metadata.id, name: v.metadata.name, fingerprint, health: Some(health), maintenance: false }
             })
             .collect()
     }
@@ -347,6 +401,8 @@ impl Etcd {
                 (spec.id.as_str(), key, put)
             }
             Write::Deregister { id, name } => (id.as_str(), self.keys.get(id).cloned().unwrap_or_else(|| self.key(name, id)), None),
+            // Drained services are removed on etcd; the reconciler never asks this.
+            Write::Maintenance { .. } => return (vec![], self.keys.get(w.id()).cloned()),
         };
         if let Some(old) = self.keys.get(id).filter(|k| **k != key) {
             ops.push(TxnOp::delete(old.clone(), None));
@@ -455,6 +511,9 @@ impl Registry for Etcd {
     async fn sync_agent(&mut self, agent: &AgentInfo) -> Result<Vec<RemoteEntry>> {
         let owned = self.owned().await?;
         self.ensure_lease(ttl_secs(agent.ttl), &owned).await?;
+        if self.agent_key_lease != self.view.lease_id() {
+            self.put_agent_record("alive").await?;
+        }
         Ok(self.entries(owned))
     }
 
@@ -514,12 +573,50 @@ impl Registry for Etcd {
         }
     }
 
+    async fn claim(&mut self) -> Result<Option<String>> {
+        let key = self.agent_key();
+        let mut client = self.client().await?;
+        let resp = client.get(key.clone(), None).await.map_err(err)?;
+        let Some(record) = resp.kvs().first().and_then(|kv| serde_json::from_slice::<AgentRecord>(kv.value()).ok()) else {
+            return Ok(None);
+        };
+        if record.state == "stopped" || record.lease == 0 {
+            return Ok(None);
+        }
+        let first = client.lease_time_to_live(record.lease, None).await.map_err(err)?;
+        if first.ttl() <= 0 {
+            return Ok(None);
+        }
+        let period = Duration::from_secs((first.granted_ttl().max(1) as u64).div_ceil(3));
+        let watch = (period + crate::identity::WATCH_MARGIN).min(crate::identity::WATCH_AT_MOST);
+        let until = tokio::time::Instant::now() + watch;
+        let mut last = first.ttl();
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = client.lease_time_to_live(record.lease, None).await.map_err(err)?.ttl();
+            if now <= 0 {
+                return Ok(None);
+            }
+            if now > last {
+                return Ok(Some(format!("run {} keeps its lease {:x} alive ({key})", record.run, record.lease)));
+            }
+            last = now;
+        }
+        Ok(None)
+    }
+
     async fn shutdown(&mut self, deregister: bool) -> Result<()> {
         let lease = self.view.lease_id();
-        if deregister && lease != 0 {
+        if lease == 0 {
+            return Ok(());
+        }
+        if deregister {
             let mut client = self.client().await?;
             client.lease_revoke(lease).await.map_err(err)?;
             self.view.lease.store(0, Ordering::Relaxed);
+        } else {
+            // The keys stay until the lease runs out; a restart adopts them at once.
+            self.put_agent_record("stopped").await?;
         }
         Ok(())
     }
@@ -537,6 +634,7 @@ mod tests {
             tags: vec!["grpc".into()],
             meta: BTreeMap::from([("version".into(), "1.2.3".into())]),
             node: "web-1".into(),
+            instance: None,
             managed_by: "tether".into(),
             health: "SERVING".into(),
         }

@@ -45,6 +45,8 @@ pub struct RemoteEntry {
     /// Compared with [`Registry::fingerprint`] of the desired spec.
     pub fingerprint: String,
     pub health: Option<Health>,
+    /// In maintenance (drained) on a registry that keeps drained records (Consul).
+    pub maintenance: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,13 +93,16 @@ pub enum Write {
     Health { spec: Arc<ServiceSpec>, health: Health },
     /// Remove the record.
     Deregister { id: String, name: String },
+    /// Take the record out of (or back into) the healthy set without removing
+    /// it (Consul's maintenance mode); only on registries that keep critical records.
+    Maintenance { id: String, on: bool },
 }
 
 impl Write {
     pub fn id(&self) -> &str {
         match self {
             Write::Register { spec, .. } | Write::Health { spec, .. } => &spec.id,
-            Write::Deregister { id, .. } => id,
+            Write::Deregister { id, .. } | Write::Maintenance { id, .. } => id,
         }
     }
 
@@ -107,6 +112,7 @@ impl Write {
             Write::Register { .. } => "register",
             Write::Health { .. } => "set_health",
             Write::Deregister { .. } => "deregister",
+            Write::Maintenance { .. } => "maintenance",
         }
     }
 }
@@ -160,7 +166,12 @@ pub trait Registry: Send + 'static {
     /// done, and the failure if any.
     fn apply(&mut self, writes: &[Write]) -> impl Future<Output = (usize, Option<RegistryError>)> + Send;
 
+    /// Before anything is written: whether another live agent holds this
+    /// identity against this registry (`Some(why)`), watching its liveness
+    /// record for up to one heartbeat period (see `identity`). Reads only.
+    fn claim(&mut self) -> impl Future<Output = Result<Option<String>>> + Send;
+
     /// Tether is stopping: remove its own presence when `deregister`, else
-    /// leave it to expire.
+    /// leave it to expire (marked stopped, so a restart adopts it at once).
     fn shutdown(&mut self, deregister: bool) -> impl Future<Output = Result<()>> + Send;
 }

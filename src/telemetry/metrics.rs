@@ -28,6 +28,7 @@ pub struct Metrics {
     pub service_transitions: Family<Labels, Counter>,
     pub check_duration: Family<Labels, Histogram, LatencyBuckets>,
     pub service_last_write: Family<Labels, Gauge<f64, AtomicU64>>,
+    pub service_drained: Family<Labels, Gauge>,
     pub heartbeat_last: Gauge<f64, AtomicU64>,
     pub heartbeat_late: Counter,
     pub heartbeat_seconds: Histogram,
@@ -56,6 +57,7 @@ impl Metrics {
             service_transitions: Family::default(),
             check_duration: Family::new_with_constructor(LatencyBuckets),
             service_last_write: Family::default(),
+            service_drained: Family::default(),
             heartbeat_last: Gauge::default(),
             heartbeat_late: Counter::default(),
             heartbeat_seconds: Histogram::new([0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
@@ -77,6 +79,7 @@ impl Metrics {
             "Unix time of the last registry write for a service",
             m.service_last_write.clone(),
         );
+        registry.register("service_drained", "1 while a service is drained (tether drain), else 0", m.service_drained.clone());
         registry.register(
             "heartbeat_last_timestamp_seconds",
             "Unix time of tether's last successful liveness heartbeat",
@@ -135,6 +138,7 @@ impl Metrics {
         self.service_health.remove(&s);
         self.check_duration.remove(&s);
         self.service_last_write.remove(&s);
+        self.service_drained.remove(&s);
         for to in ["passing", "critical"] {
             self.service_transitions.remove(&l(&[("service", id), ("to", to)]));
         }

@@ -6,6 +6,8 @@ use std::time::SystemTime;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     pub version: String,
     pub ready: bool,
     pub backend: BackendStatus,
@@ -40,12 +42,16 @@ pub struct ServiceStatus {
     pub last_write: Option<String>,
     pub last_heartbeat: Option<String>,
     pub last_error: Option<String>,
+    /// Taken out of the healthy set by `tether drain`.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 impl Status {
     pub fn new(node: &str, backend: &str, endpoint: &str) -> Self {
         Status {
             node: node.to_string(),
+            instance: None,
             version: env!("CARGO_PKG_VERSION").to_string(),
             ready: false,
             backend: BackendStatus {

@@ -214,10 +214,15 @@ fn template_unit_matches_tether_service() {
             .map(String::from)
             .collect()
     };
-    let expected: Vec<String> = settings(&read("tether.service")).iter().map(|l| l.replace("/etc/tether/", "/etc/tether/%i/")).collect();
+    let expected: Vec<String> = settings(&read("tether.service"))
+        .iter()
+        .map(|l| l.replace("/etc/tether/", "/etc/tether/%i/"))
+        .map(|l| if l.starts_with("ExecStart=") { format!("{l} --instance %i") } else { l })
+        .map(|l| if l == "RuntimeDirectory=tether" { "RuntimeDirectory=tether/%i".to_string() } else { l })
+        .collect();
     let template = read("tether@.service");
     assert_eq!(settings(&template), expected);
-    assert!(template.contains("ExecStart=/usr/bin/tether run --config /etc/tether/%i/tether.toml"), "{template}");
+    assert!(template.contains("ExecStart=/usr/bin/tether run --config /etc/tether/%i/tether.toml --instance %i"), "{template}");
     assert!(template.contains("Description=") && template.lines().any(|l| l.starts_with("Description=") && l.contains("%i")));
     // The repo's units are the packaged ones: they run the packaged binary.
     let dir = tempfile::tempdir().unwrap();

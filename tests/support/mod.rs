@@ -379,6 +379,8 @@ impl Tether {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,tether=debug")
+            // The identity lock and the control socket: per test, as systemd's RuntimeDirectory= would.
+            .env("RUNTIME_DIRECTORY", self.config.parent().unwrap().join("run"))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())

@@ -205,6 +205,13 @@ impl ConsulClient {
         self.send(&format!("updating check {check_id}"), rb).await.map(drop)
     }
 
+    /// `PUT /v1/agent/service/maintenance/<id>?enable=…&reason=…`.
+    pub async fn maintenance(&self, id: &str, enable: bool, reason: &str) -> Result<(), ConsulError> {
+        let path = format!("/v1/agent/service/maintenance/{}?enable={enable}&reason={}", encode(id), encode(reason));
+        let rb = self.request(reqwest::Method::PUT, &path);
+        self.send(&format!("setting maintenance of service {id}"), rb).await.map(drop)
+    }
+
     /// `GET /v1/agent/services`.
     pub async fn services(&self) -> Result<HashMap<String, AgentService>, ConsulError> {
         self.get_json("/v1/agent/services", "listing services").await

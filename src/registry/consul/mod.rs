@@ -17,7 +17,7 @@ use super::{AgentInfo, ErrorKind, Heartbeat, Registry, RegistryError, RemoteEntr
 use crate::config::agent::read_secret;
 use crate::config::duration::go;
 use crate::config::tls::{Rotation, TlsConfig};
-use crate::config::ServiceSpec;
+use crate::config::{Owner, ServiceSpec};
 use crate::health::{Health, Status};
 use client::{AgentCheck, AgentService, CheckDefinition, ConsulClient, ConsulError, ServiceRegistration};
 use std::collections::{BTreeMap, HashMap};
@@ -31,6 +31,9 @@ pub const HEALTH_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const AGENT_SERVICE_NAME: &str = "tether";
 pub const META_MANAGED_BY: &str = "managed-by";
 pub const META_NODE: &str = "tether-node";
+pub const META_INSTANCE: &str = "tether-instance";
+/// Liveness output of an agent that stopped cleanly without deregistering.
+const STOPPED: &str = "tether stopped";
 
 pub fn health_check_id(id: &str) -> String {
     format!("tether:{id}")
@@ -38,11 +41,17 @@ pub fn health_check_id(id: &str) -> String {
 pub fn alias_check_id(id: &str) -> String {
     format!("tether-alive:{id}")
 }
-pub fn agent_service_id(node: &str) -> String {
-    format!("tether-{node}")
+/// The check Consul adds to a service in maintenance mode.
+pub fn maintenance_check_id(id: &str) -> String {
+    format!("_service_maintenance:{id}")
 }
-pub fn liveness_check_id(node: &str) -> String {
-    format!("tether-liveness:{node}")
+
+/// tether's own service: `tether-<node>` (`tether-<node>@<instance>`).
+pub fn agent_service_id(owner: &Owner) -> String {
+    format!("tether-{}", owner.label())
+}
+pub fn liveness_check_id(owner: &Owner) -> String {
+    format!("tether-liveness:{}", owner.label())
 }
 
 /// A connection to the Consul agent and its credentials: the ACL token is
@@ -93,23 +102,27 @@ impl Conn {
 pub struct Consul {
     conn: Conn,
     view: ConsulView,
+    /// This run's id, in the liveness check's output.
+    run: String,
 }
 
 /// How Consul records are compared; see [`View`].
 #[derive(Debug, Clone)]
 pub struct ConsulView {
-    node: String,
+    owner: Owner,
 }
 
 /// tether's liveness heartbeat on its own connection.
 pub struct ConsulLane {
     conn: Conn,
     check_id: String,
+    run: String,
+    beats: u64,
 }
 
 impl Consul {
-    pub fn new(address: &str, tls: TlsConfig, node: &str) -> std::result::Result<Self, String> {
-        Ok(Consul { conn: Conn::new(address, tls, None)?, view: ConsulView { node: node.to_string() } })
+    pub fn new(address: &str, tls: TlsConfig, owner: &Owner) -> std::result::Result<Self, String> {
+        Ok(Consul { conn: Conn::new(address, tls, None)?, view: ConsulView { owner: owner.clone() }, run: crate::identity::run_id() })
     }
 
     /// Read the ACL token from `path` now and again whenever the file changes,
@@ -120,13 +133,13 @@ impl Consul {
         Ok(self)
     }
 
-    fn node(&self) -> &str {
-        &self.view.node
+    fn owner(&self) -> &Owner {
+        &self.view.owner
     }
 
     /// This node's services among the agent's, with their checks.
     fn owned_entries(&self, services: HashMap<String, AgentService>, checks: &HashMap<String, AgentCheck>) -> Vec<RemoteEntry> {
-        let agent_id = agent_service_id(self.node());
+        let agent_id = agent_service_id(self.owner());
         services
             .into_values()
             .filter(|s| s.id != agent_id && self.view.owned(&s.meta))
@@ -142,19 +155,20 @@ impl Consul {
                     health.map(|c| c.notes.as_str()),
                     alias,
                 );
-                RemoteEntry { id: s.id, name: s.service, fingerprint, health: health.map(health_of) }
+                let maintenance = checks.contains_key(&maintenance_check_id(&s.id));
+                RemoteEntry { id: s.id, name: s.service, fingerprint, health: health.map(health_of), maintenance }
             })
             .collect()
     }
 
     fn agent_meta(&self, agent: &AgentInfo) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (META_MANAGED_BY.to_string(), "tether".to_string()),
-            (META_NODE.to_string(), self.node().to_string()),
+        let mut meta = self.view.owner_meta();
+        meta.extend([
             ("tether-ttl".to_string(), go(agent.ttl)),
             ("tether-deregister-after".to_string(), go(agent.deregister_after)),
             ("tether-version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ])
+        ]);
+        meta
     }
 
     fn registration(&self, spec: &ServiceSpec, health: &Health) -> ServiceRegistration {
@@ -179,7 +193,7 @@ impl Consul {
                 CheckDefinition {
                     check_id: alias_check_id(&spec.id),
                     name: "tether agent alive".into(),
-                    alias_service: Some(agent_service_id(self.node())),
+                    alias_service: Some(agent_service_id(self.owner())),
                     deregister_critical_service_after: dereg,
                     ..Default::default()
                 },
@@ -202,19 +216,33 @@ impl Consul {
             }
             Write::Health { spec, health } => client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await,
             Write::Deregister { id, .. } => client.deregister_service(id).await,
+            Write::Maintenance { id, on } => client.maintenance(id, *on, "draining (tether drain)").await,
         }
     }
 }
 
 impl ConsulView {
+    /// Owned = managed by tether, this node, and this instance (none = none).
     fn owned(&self, meta: &Option<BTreeMap<String, String>>) -> bool {
-        meta.as_ref().is_some_and(|m| m.get(META_MANAGED_BY).map(String::as_str) == Some("tether") && m.get(META_NODE) == Some(&self.node))
+        meta.as_ref().is_some_and(|m| {
+            m.get(META_MANAGED_BY).map(String::as_str) == Some("tether")
+                && m.get(META_NODE) == Some(&self.owner.node)
+                && m.get(META_INSTANCE) == self.owner.instance.as_ref()
+        })
+    }
+
+    fn owner_meta(&self) -> BTreeMap<String, String> {
+        let mut meta =
+            BTreeMap::from([(META_MANAGED_BY.to_string(), "tether".to_string()), (META_NODE.to_string(), self.owner.node.clone())]);
+        if let Some(i) = &self.owner.instance {
+            meta.insert(META_INSTANCE.into(), i.clone());
+        }
+        meta
     }
 
     fn meta(&self, spec: &ServiceSpec) -> BTreeMap<String, String> {
         let mut meta = spec.meta.clone();
-        meta.insert(META_MANAGED_BY.into(), "tether".into());
-        meta.insert(META_NODE.into(), self.node.clone());
+        meta.extend(self.owner_meta());
         meta
     }
 
@@ -284,7 +312,13 @@ impl View for ConsulView {
 impl Heartbeat for ConsulLane {
     async fn beat(&mut self) -> Result<()> {
         self.conn.refresh()?;
-        self.conn.client.update_check(&self.check_id, "passing", "tether is alive").await.map_err(err)
+        // The output changes with every beat: a starting agent with the same
+        // identity sees it move and refuses (see `identity`). Consul's agent
+        // syncs output-only changes to its servers rarely, so this costs no
+        // Raft writes.
+        self.beats += 1;
+        let output = format!("tether is alive (run {}, beat {})", self.run, self.beats);
+        self.conn.client.update_check(&self.check_id, "passing", &output).await.map_err(err)
     }
 }
 
@@ -308,7 +342,7 @@ impl Registry for Consul {
         let mut conn = Conn::new(&self.conn.address, self.conn.tls.clone(), self.conn.token_file.clone())
             .map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
         conn.refresh()?;
-        Ok(ConsulLane { conn, check_id: liveness_check_id(self.node()) })
+        Ok(ConsulLane { conn, check_id: liveness_check_id(self.owner()), run: self.run.clone(), beats: 0 })
     }
 
     fn max_batch(&self) -> usize {
@@ -317,8 +351,8 @@ impl Registry for Consul {
 
     async fn sync_agent(&mut self, agent: &AgentInfo) -> Result<Vec<RemoteEntry>> {
         self.conn.refresh()?;
-        let id = agent_service_id(self.node());
-        let check_id = liveness_check_id(self.node());
+        let id = agent_service_id(self.owner());
+        let check_id = liveness_check_id(self.owner());
         let meta = self.agent_meta(agent);
         let client = &self.conn.client;
         let (services, checks) = tokio::try_join!(client.services(), client.checks()).map_err(err)?;
@@ -378,9 +412,44 @@ impl Registry for Consul {
         (writes.len(), None)
     }
 
+    async fn claim(&mut self) -> Result<Option<String>> {
+        self.conn.refresh()?;
+        let check_id = liveness_check_id(self.owner());
+        let client = &self.conn.client;
+        let (services, checks) = tokio::try_join!(client.services(), client.checks()).map_err(err)?;
+        let Some(first) = checks.get(&check_id) else { return Ok(None) };
+        if first.status != "passing" || first.output.starts_with(STOPPED) {
+            return Ok(None);
+        }
+        // The previous run's heartbeat period, from its registration.
+        let period = services
+            .get(&agent_service_id(self.owner()))
+            .and_then(|s| s.meta.as_ref()?.get("tether-ttl").cloned())
+            .and_then(|t| crate::config::duration::parse(&t).ok())
+            .map_or(Duration::from_secs(5), |ttl| ttl / 3);
+        let watch = (period + crate::identity::WATCH_MARGIN).min(crate::identity::WATCH_AT_MOST);
+        let until = tokio::time::Instant::now() + watch;
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let checks = client.checks().await.map_err(err)?;
+            match checks.get(&check_id) {
+                Some(c) if c.status == "passing" && c.output != first.output && !c.output.starts_with(STOPPED) => {
+                    return Ok(Some(format!("its liveness check {check_id} is being heartbeated: {:?}", c.output)));
+                }
+                Some(c) if c.status == "passing" => {}
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
     async fn shutdown(&mut self, deregister: bool) -> Result<()> {
         if deregister {
-            self.conn.client.deregister_service(&agent_service_id(self.node())).await.map_err(err)?;
+            self.conn.client.deregister_service(&agent_service_id(self.owner())).await.map_err(err)?;
+        } else {
+            // Services stay until the liveness TTL runs out; a restart adopts them at once.
+            let output = format!("{STOPPED} (run {}); services left to expire by TTL", self.run);
+            self.conn.client.update_check(&liveness_check_id(self.owner()), "passing", &output).await.map_err(err)?;
         }
         Ok(())
     }

@@ -1,0 +1,118 @@
+//! The control socket: `tether drain` and `tether undrain` → the running
+//! agent's reconciler.
+//!
+//! A Unix socket in the runtime directory (`tether.sock`, or
+//! `tether@<instance>.sock`), mode 0660: only the agent's user and group may
+//! change what the registry says. Read-only status stays on the loopback HTTP
+//! listener. One JSON request line, one JSON response line per connection.
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Take services out of the healthy set (all current ones with `all`).
+    Drain { ids: Vec<String>, all: bool },
+    /// Put them back.
+    Undrain { ids: Vec<String>, all: bool },
+    /// Where draining stands, for `--wait`.
+    State { ids: Vec<String>, all: bool },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    /// Set when nothing was changed.
+    pub error: Option<String>,
+    pub services: Vec<DrainState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrainState {
+    pub id: String,
+    pub drained: bool,
+    /// The registry shows it (as far as tether knows: its last write succeeded).
+    pub applied: bool,
+}
+
+/// A request on its way to the reconciler, with where to answer.
+pub struct Command {
+    pub request: Request,
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// Serve the socket until `shutdown`; the caller holds the identity lock, so
+/// a socket file already there is a dead agent's and is replaced.
+pub async fn serve(path: PathBuf, commands: mpsc::Sender<Command>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        anyhow::bail!(
+            "{} belongs to another running agent (another identity or registry in the same runtime directory); give each agent its own runtime_dir or instance",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    }
+    tracing::info!(socket = %path.display(), "control socket up (drain, undrain)");
+    let done = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = done.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => { tracing::warn!(error = %e, "control socket accept failed"); continue }
+                },
+            };
+            let commands = commands.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                let mut reader = tokio::io::BufReader::new(read).take(64 * 1024);
+                let response = match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await {
+                    Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                        Ok(request) => ask(&commands, request).await,
+                        Err(e) => Response { error: Some(format!("bad request: {e}")), services: vec![] },
+                    },
+                    _ => return,
+                };
+                let mut out = serde_json::to_string(&response).expect("serializable");
+                out.push('\n');
+                let _ = write.write_all(out.as_bytes()).await;
+            });
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
+
+async fn ask(commands: &mpsc::Sender<Command>, request: Request) -> Response {
+    let (reply, answer) = oneshot::channel();
+    let gone = || Response { error: Some("the agent is shutting down".into()), services: vec![] };
+    if commands.send(Command { request, reply }).await.is_err() {
+        return gone();
+    }
+    answer.await.unwrap_or_else(|_| gone())
+}
+
+/// Send one request to the agent at `socket` (blocking; for the CLI).
+pub fn request(socket: &Path, request: &Request) -> Result<Response, String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        format!("cannot reach the running agent at {}: {e} (is it running, with this --config/--instance?)", socket.display())
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut line = serde_json::to_string(request).expect("serializable");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(|e| format!("{}: {e}", socket.display()))?;
+    serde_json::from_str(&answer).map_err(|e| format!("{}: bad answer {answer:?}: {e}", socket.display()))
+}
