@@ -22,8 +22,9 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How long a starting agent watches another run's record at most.
-pub const WATCH_AT_MOST: Duration = Duration::from_secs(12);
+/// How long a starting agent watches another run's record at most (one
+/// heartbeat period, ttl/3, plus a margin: 6.5 s at the default ttl of 15 s).
+pub const WATCH_AT_MOST: Duration = Duration::from_secs(60);
 /// Margin over one heartbeat period when watching.
 pub const WATCH_MARGIN: Duration = Duration::from_millis(1500);
 

@@ -7,6 +7,7 @@ mod cli;
 mod consul;
 mod etcd;
 mod faults;
+mod instances;
 mod interop;
 mod ops;
 mod package;

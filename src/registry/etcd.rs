@@ -587,8 +587,12 @@ impl Registry for Etcd {
         if first.ttl() <= 0 {
             return Ok(None);
         }
-        let period = Duration::from_secs((first.granted_ttl().max(1) as u64).div_ceil(3));
-        let watch = (period + crate::identity::WATCH_MARGIN).min(crate::identity::WATCH_AT_MOST);
+        // A live agent keeps the lease's remaining TTL above granted − period
+        // at all times; an orphaned lease only counts down. etcd reports whole
+        // seconds, so watch for longer than one period and compare.
+        let granted = first.granted_ttl().max(1);
+        let period = (granted as u64).div_ceil(3) as i64;
+        let watch = (Duration::from_secs(period as u64) + crate::identity::WATCH_MARGIN).min(crate::identity::WATCH_AT_MOST);
         let until = tokio::time::Instant::now() + watch;
         let mut last = first.ttl();
         while tokio::time::Instant::now() < until {
@@ -597,10 +601,14 @@ impl Registry for Etcd {
             if now <= 0 {
                 return Ok(None);
             }
-            if now > last {
-                return Ok(Some(format!("run {} keeps its lease {:x} alive ({key})", record.run, record.lease)));
-            }
+            let refreshed = now > last;
             last = now;
+            if refreshed {
+                break;
+            }
+        }
+        if last >= granted - period - 1 {
+            return Ok(Some(format!("run {} keeps its lease {:x} alive ({key})", record.run, record.lease)));
         }
         Ok(None)
     }

@@ -390,6 +390,40 @@ impl Tether {
         self.child = Some(child);
     }
 
+    /// Wait up to `limit` for the process to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut().expect("started");
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The runtime directory it was given (identity lock, control socket).
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "RUNTIME_DIRECTORY")
+            .map(|(_, v)| PathBuf::from(v))
+            .unwrap_or_else(|| self.config.parent().unwrap().join("run"))
+    }
+
+    /// Run a `tether` CLI command against this agent (same config and runtime directory).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(tether_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUNTIME_DIRECTORY", self.runtime_dir())
+            .output()
+            .expect("run tether")
+    }
+
     pub fn pid(&self) -> nix::unistd::Pid {
         nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
     }
