@@ -485,9 +485,10 @@ async fn status(config: &std::path::Path, json: bool) -> ExitCode {
     };
     let b = &st.backend;
     println!(
-        "tether {} on node {}: {} at {} ({}), {}",
+        "tether {} on node {}{}: {} at {} ({}), {}",
         st.version,
         st.node,
+        st.instance.as_deref().map(|i| format!(" (instance {i})")).unwrap_or_default(),
         b.kind,
         b.endpoint,
         if b.connected { "connected" } else { "NOT connected" },
@@ -507,7 +508,11 @@ async fn status(config: &std::path::Path, json: bool) -> ExitCode {
             s.id,
             s.name,
             s.health,
-            if s.registered { "yes" } else { "no" },
+            match (s.registered, s.drained) {
+                (_, true) => "drained",
+                (true, false) => "yes",
+                (false, false) => "no",
+            },
             s.since.as_deref().unwrap_or("-"),
             s.output
         );
