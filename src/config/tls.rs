@@ -75,6 +75,28 @@ impl TlsConfig {
     }
 }
 
+impl TlsConfig {
+    /// The gRPC (tonic) client TLS settings from the files, read now: the CA
+    /// that verifies the server (default: the web PKI roots), the client
+    /// identity for mTLS, the name to verify. Shared by the health probes and
+    /// etcd (whose `TlsOptions` is this type).
+    pub fn grpc_client(&self) -> Result<tonic::transport::ClientTlsConfig, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let pem = self.load()?;
+        let mut cfg = match pem.ca {
+            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+            None => ClientTlsConfig::new().with_webpki_roots(),
+        };
+        if let Some((cert, key)) = pem.identity {
+            cfg = cfg.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = &self.server_name {
+            cfg = cfg.domain_name(name.clone());
+        }
+        Ok(cfg)
+    }
+}
+
 /// Modification times of a [`TlsConfig`]'s files.
 pub type Stamp = Vec<Option<SystemTime>>;
 

@@ -24,7 +24,7 @@ use crate::config::{CheckMode, CheckSpec};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
@@ -239,19 +239,7 @@ pub fn endpoint(target: &str, connect_timeout: Duration, tls: Option<&TlsConfig>
         .tcp_nodelay(true)
         .tcp_keepalive(Some(Duration::from_secs(10)));
     if let Some(t) = tls {
-        let pem = t.load()?;
-        let mut cfg = ClientTlsConfig::new();
-        cfg = match pem.ca {
-            Some(ca) => cfg.ca_certificate(Certificate::from_pem(ca)),
-            None => cfg.with_webpki_roots(),
-        };
-        if let Some((cert, key)) = pem.identity {
-            cfg = cfg.identity(Identity::from_pem(cert, key));
-        }
-        if let Some(name) = &t.server_name {
-            cfg = cfg.domain_name(name.clone());
-        }
-        endpoint = endpoint.tls_config(cfg).map_err(|e| format!("TLS settings for {target}: {e}"))?;
+        endpoint = endpoint.tls_config(t.grpc_client()?).map_err(|e| format!("TLS settings for {target}: {e}"))?;
     }
     Ok(endpoint)
 }

@@ -22,9 +22,7 @@ use crate::config::tls::Rotation;
 use crate::config::{EtcdConfig, Owner, ServiceSpec};
 use crate::health::{Health, Status};
 use backon::{ExponentialBuilder, Retryable};
-use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, Identity, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp,
-};
+use etcd_client::{Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -212,18 +210,7 @@ async fn connect(config: &EtcdConfig) -> Result<Client> {
     }
     let tls = &config.tls;
     if tls.is_set() || config.endpoints.iter().any(|e| e.starts_with("https://")) {
-        let pem = tls.load().map_err(|e| RegistryError::new(ErrorKind::Rejected, format!("etcd TLS: {e}")))?;
-        let mut t = TlsOptions::new();
-        t = match pem.ca {
-            Some(ca) => t.ca_certificate(Certificate::from_pem(ca)),
-            None => t.with_webpki_roots(),
-        };
-        if let Some((cert, key)) = pem.identity {
-            t = t.identity(Identity::from_pem(cert, key));
-        }
-        if let Some(name) = &tls.server_name {
-            t = t.domain_name(name.clone());
-        }
+        let t = tls.grpc_client().map_err(|e| RegistryError::new(ErrorKind::Rejected, format!("etcd TLS: {e}")))?;
         opts = opts.with_tls(t);
     }
     Client::connect(&config.endpoints, Some(opts)).await.map_err(err)
