@@ -5,21 +5,25 @@
 //! The parent directory is watched as well, so a removed and re-created
 //! services directory is noticed; [`DirWatcher::refresh`] re-attaches the
 //! watch when the directory's identity changes.
+//!
+//! notify's own watcher is used, not a debouncer: the scanner already lets a
+//! burst settle ([`DEBOUNCE`]) before it rescans, and notify's debouncers wake
+//! up every few milliseconds even when nothing happens (an idle agent must
+//! cost nothing).
 
-use notify_debouncer_full::notify::event::{AccessKind, AccessMode};
-use notify_debouncer_full::notify::{EventKind, RecommendedWatcher, RecursiveMode};
-use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
+use notify::event::{AccessKind, AccessMode};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// How long events are gathered before a rescan.
+/// How long events are gathered before a rescan (by the scanner).
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
 pub struct DirWatcher {
-    debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    watcher: RecommendedWatcher,
     dir: PathBuf,
     /// (device, inode) of the directory currently watched.
     watched: Option<(u64, u64)>,
@@ -28,20 +32,20 @@ pub struct DirWatcher {
 impl DirWatcher {
     /// Start watching `dir` (and its parent); `trigger` is notified on any event.
     pub fn new(dir: &Path, trigger: Arc<Notify>) -> notify::Result<Self> {
-        let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
+        let mut watcher = notify::recommended_watcher(move |result: notify::Result<Event>| {
             match &result {
-                Err(errors) => tracing::warn!(?errors, "config directory watcher error; rescanning"),
+                Err(error) => tracing::warn!(%error, "config directory watcher error; rescanning"),
                 // Opening and reading files (our own scans among them) changes
                 // nothing; reacting to it would rescan forever.
-                Ok(events) if events.iter().all(|e| is_read_only(&e.kind)) => return,
+                Ok(event) if is_read_only(&event.kind) => return,
                 Ok(_) => {}
             }
             trigger.notify_one();
         })?;
         if let Some(parent) = dir.parent().filter(|p| p.exists()) {
-            debouncer.watch(parent, RecursiveMode::NonRecursive)?;
+            watcher.watch(parent, RecursiveMode::NonRecursive)?;
         }
-        let mut w = DirWatcher { debouncer, dir: dir.to_path_buf(), watched: None };
+        let mut w = DirWatcher { watcher, dir: dir.to_path_buf(), watched: None };
         w.refresh();
         Ok(w)
     }
@@ -53,11 +57,11 @@ impl DirWatcher {
             return;
         }
         if self.watched.is_some() {
-            let _ = self.debouncer.unwatch(&self.dir);
+            let _ = self.watcher.unwatch(&self.dir);
         }
         self.watched = None;
         if now.is_some() {
-            match self.debouncer.watch(&self.dir, RecursiveMode::NonRecursive) {
+            match self.watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
                 Ok(()) => self.watched = now,
                 Err(e) => {
                     tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch services directory; relying on periodic rescans")
@@ -76,7 +80,7 @@ fn is_read_only(kind: &EventKind) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify_debouncer_full::notify::event::{CreateKind, ModifyKind};
+    use notify::event::{CreateKind, ModifyKind};
 
     #[test]
     fn reads_are_ignored_writes_are_not() {
