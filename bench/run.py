@@ -519,6 +519,9 @@ class Bench:
             res["consul_floor"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
             for backend, n, interval, idle_s in cfg["scale_rows"]:
                 res["rows"].append(self.scale_row(servers, backend, n, interval, idle_s or cfg["scale_idle_s"]))
+            # Again at the end, on a Consul that has had 4,000 services come and go.
+            log("scale: Consul's own floor, again")
+            res["consul_floor_after"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
         finally:
             for hs in servers:
                 hs.stop()
