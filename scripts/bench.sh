@@ -6,7 +6,7 @@
 #
 #   scripts/bench.sh [--quick] [--only PHASES] [--out DIR] [-- extra bench/run.py options]
 #
-#   --quick     smoke run (~5 min): 10 flips, 10 and 100 services, 10 s windows
+#   --quick     smoke run (~9 min): 10 flips, 10 and 100 services, 10 s windows
 #   --only P    run only these phases (comma-separated), e.g. --only scale:
 #               1,000 services over 10 servers, Consul's own floor (~7 min)
 #   --out DIR   where results.json, report.md and logs/ go
@@ -16,9 +16,10 @@
 # Phases: calibration baseline detection crash config etcd footprint scale.
 #
 # Builds tether and the example health server in release mode with
-# CARGO_TARGET_DIR (default target/). A full run takes about 13-15 minutes on a
-# 2-core machine. Every process it starts is stopped at the end, also on error
-# or Ctrl-C (run.py: try/finally, PR_SET_PDEATHSIG).
+# CARGO_TARGET_DIR (default target/). A full run takes about 19-21 minutes on a
+# 2-core machine (the scale phase about 6 of them). Every process it starts is
+# stopped at the end, also on error or Ctrl-C (run.py: try/finally,
+# PR_SET_PDEATHSIG).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
         --only) args+=(--phases "$2"); shift 2 ;;
         --only=*) args+=(--phases "${1#--only=}"); shift ;;
         --) shift; args+=("$@"); break ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1"); shift ;;
     esac
 done
