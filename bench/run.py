@@ -181,9 +181,6 @@ class Bench:
         self.consul = Consul(self.procs, os.path.join(self.args.tools, "consul"), self.work)
         self.etcd = Etcd(self.procs, os.path.join(self.args.tools, "etcd"), self.work)
         phases = self.args.phases.split(",") if self.args.phases else PHASES
-        unknown = set(phases) - set(PHASES)
-        if unknown:
-            raise SystemExit(f"unknown phases: {', '.join(sorted(unknown))} (known: {', '.join(PHASES)})")
         if OBSERVED & set(phases):
             self.obs = CatalogObserver(self.consul)
         for name in PHASES:
@@ -699,6 +696,9 @@ def main() -> int:
         cfg["ns"] = [int(x) for x in args.services.split(",")]
         cfg["cost_ns"] = [n for n in cfg["ns"] if n >= 100]
         cfg["etcd_ns"] = [n for n in cfg["ns"] if n >= 100]
+    unknown = set(args.phases.split(",")) - set(PHASES) if args.phases else set()
+    if unknown:
+        ap.error(f"unknown phases: {', '.join(sorted(unknown))} (known: {', '.join(PHASES)})")
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
