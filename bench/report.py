@@ -298,6 +298,10 @@ def render(res: dict) -> str:
         out.append(table(["registry", "N", "who checks", "registry CPU (%)", "gRPC server CPU (%)", "writes/min (etcd: revisions/min)", "Raft applies/min", "registry RSS (MB)"], rows))
         out.append(caption(res, "footprint"))
 
+    sc = res.get("scale")
+    if sc:
+        out.append(scale_section(res, sc))
+
     out.append("\n### Targets\n\n")
     out.append(targets(res))
     out.append(caption(res, None))
@@ -333,10 +337,10 @@ def targets(res: dict) -> str:
         i = r["idle"]
         rss = i.get("tether_rss_kb", 0) / 1024
         if r["n"] == 100:
-            rows.append([f"RSS ≤ 15 MB at 100 services ({r['backend']}, {r['mode']})", f"{rss:.1f} MB", verdict(rss <= 15)])
+            rows.append([f"RSS ≤ 12 MB at 100 services (footprint, {r['backend']}, {r['mode']})", f"{rss:.1f} MB", verdict(rss <= 12)])
             rows.append([f"idle CPU ≤ 1 % of a core at 100 services ({r['backend']}, {r['mode']})", f"{f(i.get('tether_cpu_pct'), 2)} %", verdict(i.get("tether_cpu_pct", 99) <= 1)])
         if r["n"] == 1000:
-            rows.append([f"RSS ≤ 40 MB at 1000 services ({r['backend']}, {r['mode']})", f"{rss:.1f} MB", verdict(rss <= 40)])
+            rows.append([f"RSS ≤ 30 MB at 1000 services (footprint, one server, {r['backend']}, {r['mode']})", f"{rss:.1f} MB", verdict(rss <= 30)])
     for r in res.get("footprint", []):
         i = r["idle"]
         if r["backend"] == "consul":
@@ -350,7 +354,100 @@ def targets(res: dict) -> str:
                          verdict(only_hb)])  # fmt: skip
         else:
             rows.append([f"steady-state writes = heartbeats only (etcd, {r['n']}, {r['mode']})", f"{i.get('etcd_revisions')} revisions, {i.get('etcd_lease_renewals')} keepalives in {f(i['seconds'], 0)} s", verdict(i.get("etcd_revisions") == 0)])
+    rows += scale_targets(res.get("scale"), verdict)
     return table(["target", "measured", "verdict"], rows)
+
+
+def ms_list(xs) -> str:
+    return ", ".join("–" if x is None else f"{x:.0f}" for x in xs) if xs else "–"
+
+
+def scale_section(res: dict, sc: dict) -> str:
+    out = ["\n### Scale: 1,000 services on one agent\n\n"]
+    fl = sc.get("consul_floor")
+    if fl:
+        out.append(
+            "Consul's own floor, measured in the same run: the benchmark itself sends the writes tether would, sequentially on one "
+            "keep-alive HTTP connection: `PUT /v1/agent/service/register?replace-existing-checks=true` with a TTL check (status passing) "
+            "and an alias check of a liveness service, then `PUT /v1/agent/check/update/<id>` (→ critical) for 100 of them "
+            f"({len(fl['update_put_s'])} reps; times until the catalog, `/v1/health/state/*`, shows them all).\n\n"
+        )
+        frows = []
+        for when, x in (("before the rows", fl), ("after the rows", sc.get("consul_floor_after"))):
+            if not x:
+                continue
+            frows.append([f"{x['n']} registrations ({when})", f(x["register_put_s"], 2), f(x["register_to_all_passing_s"], 2)])
+            frows.append([f"{x['updates']} check updates → critical, p50 ({when}; reps: {ms_list([v * 1000 for v in x['update_put_s']])} ms)",
+                          f(x["update_put_p50_s"], 3), f(x["update_to_catalog_p50_s"], 3)])  # fmt: skip
+        out.append(table(["Consul floor", "PUTs done (s)", "catalog shows all (s)"], frows))
+        out.append("\nThe targets below compare against the floor measured before the rows (a fresh agent).\n")
+    rows = []
+    for r in sc.get("rows", []):
+        i = r["idle"]
+        reg = r["backend"]
+        live = r.get("liveness")
+        live_s = "–" if live is None else ("**yes**" if live["ever_critical"] or live["consul_ttl_expired_log_lines"] else "no")
+        rows.append([
+            reg, r["n"], r["servers"], r["interval"], f(r["startup_to_all_passing_s"], 2), f(i.get("tether_cpu_pct"), 3),
+            mb(i.get("tether_rss_kb")), mb(i.get("tether_hwm_kb")), f(i.get(f"{reg}_cpu_pct"), 2), f(i.get("machine_cpu_pct"), 0),
+            f(r.get("flip100_to_not_passing_p50_ms"), 0) + (f" ({ms_list(r['flip100_to_not_passing_ms'])})" if r.get("flip100_to_not_passing_ms") else ""),
+            f(r.get("flip100_back_p50_ms"), 0), live_s,
+        ])  # fmt: skip
+    out.append(
+        f"\nOne tether per row, watch mode, service files `[check] service = \"sc-K-I\"`, ttl 15 s; 100 names per `health_server`. "
+        "Start → all passing: from starting tether until every service is passing in Consul's catalog (both checks; polled every 0.2 s, "
+        "0.05 s for ≤ 100 services) / all N keys exist in etcd (polled every 0.05 s). Idle: a window of "
+        f"{f(sc.get('idle_s'), 0)} s (60 s for one service) starting 3 s after that; CPU = (utime+stime) delta of /proc/PID/stat, "
+        "% of one core (10 ms ticks); RSS = VmRSS at the window's end, peak = VmHWM. Flip of 100: one server with 100 names set NOT_SERVING, "
+        "time until all 100 `tether:` checks are critical in the catalog (blocking queries on `/v1/health/state/critical`) / all 100 keys "
+        f"deleted (etcd watch), p50 of {sc.get('flip_reps')} reps (each rep in parentheses, ms); back = SERVING again until none critical / all keys back. "
+        "Liveness critical: `tether-liveness:<node>` seen in any state but passing by blocking queries on `/v1/health/checks/tether` "
+        "during the row, or a `TTL expired` line for it in Consul's log.\n\n"
+    )
+    out.append(table(["registry", "N", "servers", "interval", "start → all passing (s)", "tether CPU idle (%)", "tether RSS idle (MB)",
+                      "peak RSS (MB)", "registry CPU idle (%)", "machine (%)", "flip of 100 → not passing, p50 (ms)", "flip back, p50 (ms)",
+                      "liveness ever critical"], rows))  # fmt: skip
+    out.append(caption(res, "scale"))
+    return "".join(out)
+
+
+def scale_targets(sc: dict | None, verdict) -> list[list[str]]:
+    if not sc:
+        return []
+    rows = []
+    fl = sc.get("consul_floor") or {}
+    for r in sc.get("rows", []):
+        i, n, iv, reg = r["idle"], r["n"], r["interval"], r["backend"]
+        cpu, rss = i.get("tether_cpu_pct"), (i.get("tether_rss_kb") or 0) / 1024
+        tag = f"({reg}, {n}, interval {iv})"
+        if n == 1:
+            rows.append([f"one service: RSS ≤ 6 MB {tag}", f"{rss:.1f} MB", verdict(rss <= 6)])
+            rows.append([f"one service: idle CPU ≤ 0.05 % {tag}", f"{f(cpu, 3)} % over {f(i['seconds'], 0)} s", verdict(cpu is not None and cpu <= 0.05)])
+        if n == 100:
+            rows.append([f"RSS ≤ 12 MB at 100 services {tag}", f"{rss:.1f} MB", verdict(rss <= 12)])
+        if n == 1000:
+            start = r["startup_to_all_passing_s"]
+            if reg == "consul" and fl:
+                lim = 1.5 * fl["register_to_all_passing_s"]
+                rows.append([f"1,000 all passing ≤ 1.5× Consul's floor {tag}", f"{start:.2f} s (floor {fl['register_to_all_passing_s']:.2f} s → ≤ {lim:.2f} s; {start / fl['register_to_all_passing_s']:.1f}×)", verdict(start <= lim)])
+            if reg == "etcd":
+                rows.append([f"1,000 keys ≤ 3 s {tag}", f"{start:.2f} s", verdict(start <= 3)])
+            lim = 1.0 if iv == "5s" else 3.0 if iv == "1s" else None
+            if lim is not None:
+                rows.append([f"idle CPU ≤ {lim:g} % at 1,000 services {tag}", f"{f(cpu, 2)} %", verdict(cpu is not None and cpu <= lim)])
+            rows.append([f"RSS ≤ 30 MB at 1,000 services {tag}", f"{rss:.1f} MB", verdict(rss <= 30)])
+        if n >= 100 and r.get("flip100_to_not_passing_p50_ms") is not None:
+            p50 = r["flip100_to_not_passing_p50_ms"]
+            if reg == "consul" and fl.get("update_to_catalog_p50_s"):
+                floor_ms = fl["update_to_catalog_p50_s"] * 1000
+                rows.append([f"flip of 100 → critical ≤ 2× Consul's floor for 100 updates {tag}", f"p50 {p50:.0f} ms (floor {floor_ms:.0f} ms → ≤ {2 * floor_ms:.0f} ms)", verdict(p50 <= 2 * floor_ms)])
+            if reg == "etcd":
+                rows.append([f"flip of 100 → keys gone ≤ 20 ms {tag}", f"p50 {p50:.1f} ms", verdict(p50 <= 20)])
+        live = r.get("liveness")
+        if live is not None:
+            ever = live["ever_critical"] or bool(live["consul_ttl_expired_log_lines"])
+            rows.append([f"liveness never critical {tag}", f"statuses seen: {', '.join(live['statuses_seen']) or '–'}; TTL-expired log lines: {live['consul_ttl_expired_log_lines']}", verdict(not ever)])
+    return rows
 
 
 if __name__ == "__main__":

@@ -29,13 +29,26 @@ from consul import METRICS_INTERVAL, CatalogObserver, Consul, writes_of  # noqa:
 from etcd import Etcd, WatchObserver  # noqa: E402
 from grpcgo import GoClient  # noqa: E402
 from services import HealthServer, Tether, drop_file, service_file  # noqa: E402
+import scale  # noqa: E402
 import report  # noqa: E402
 
+# Scale phase rows: (backend, services, interval, idle window in s or None for
+# the default). One service gets a 60 s window: at 10 ms clock ticks, 30 s
+# would resolve only 0.033 % steps against a 0.05 % target.
+SCALE_ROWS = [
+    ("consul", 1, "1s", 60), ("consul", 100, "1s", None),
+    ("consul", 1000, "1s", None), ("consul", 1000, "5s", None),
+    ("etcd", 1000, "1s", None), ("etcd", 1000, "5s", None),
+]
 FULL = dict(flips=50, etcd_flips=50, rotation_flips=50, crashes=10, etcd_crashes=5, config_reps=20, calib=40,
-            ns=[10, 100, 1000], cost_ns=[100, 1000], etcd_ns=[100, 1000], idle_intervals=2, flip_intervals=1)  # fmt: skip
+            ns=[10, 100, 1000], cost_ns=[100, 1000], etcd_ns=[100, 1000], idle_intervals=2, flip_intervals=1,
+            scale_idle_s=30, scale_flip_reps=5, scale_rows=SCALE_ROWS)  # fmt: skip
 QUICK = dict(flips=10, etcd_flips=10, rotation_flips=10, crashes=3, etcd_crashes=2, config_reps=5, calib=15,
-             ns=[10, 100], cost_ns=[100], etcd_ns=[100], idle_intervals=1, flip_intervals=1)  # fmt: skip
-PHASES = ["calibration", "baseline", "detection", "crash", "config", "etcd", "rotation", "footprint"]
+             ns=[10, 100], cost_ns=[100], etcd_ns=[100], idle_intervals=1, flip_intervals=1,
+             scale_idle_s=10, scale_flip_reps=3, scale_rows=SCALE_ROWS)  # fmt: skip
+PHASES = ["calibration", "baseline", "detection", "crash", "config", "etcd", "rotation", "footprint", "scale"]
+# Phases that need the catalog observer (blocking queries on all of /v1/health/state/any).
+OBSERVED = {"calibration", "detection", "crash", "config"}
 
 # Check IDs in the detection runs.
 WATCH, POLL, OWN = "tether:orders-watch", "tether:orders-poll", "consul-grpc"
@@ -168,8 +181,9 @@ class Bench:
         self.results["meta"] = machine_info(self.args)
         self.consul = Consul(self.procs, os.path.join(self.args.tools, "consul"), self.work)
         self.etcd = Etcd(self.procs, os.path.join(self.args.tools, "etcd"), self.work)
-        self.obs = CatalogObserver(self.consul)
         phases = self.args.phases.split(",") if self.args.phases else PHASES
+        if OBSERVED & set(phases):
+            self.obs = CatalogObserver(self.consul)
         for name in PHASES:
             if name not in phases:
                 continue
@@ -180,7 +194,8 @@ class Bench:
             busy1 = system_cpu()
             machine = 100.0 * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1) * (os.cpu_count() or 1)
             self.results["phases"][name] = {"seconds": round(time.monotonic() - t0, 1), "machine_cpu_pct": round(machine, 1)}
-        self.obs.stop()
+        if self.obs:
+            self.obs.stop()
 
     def phase_calibration(self) -> None:
         """The observers' own floor: a write made directly by this script, until
@@ -340,6 +355,8 @@ class Bench:
         log("config:", json.dumps({k: v for k, v in self.results["config"].items() if k != "raw_ms"}))
 
     def stop_detection_setup(self) -> None:
+        if getattr(self, "tether", None) is None and getattr(self, "hs", None) is None:
+            return
         if getattr(self, "tether", None) is not None:
             code, secs = self.tether.stop()
             self.results.setdefault("notes", {})["detection_tether_exit"] = {"code": code, "seconds": round(secs, 2)}
@@ -555,6 +572,127 @@ class Bench:
         log("footprint:", json.dumps(r))
         return r
 
+    def phase_scale(self) -> None:
+        """1,000 services on one agent: 10 health servers with 100 names each;
+        Consul's own floor for the same writes; one tether per row (1, 100 and
+        1,000 services; interval 1 s and 5 s; Consul and etcd): start → all
+        passing, idle CPU and RSS, liveness, and a 100-service flip."""
+        self.stop_detection_setup()
+        if getattr(self, "hs", None) is not None:
+            self.hs.stop()
+            self.hs = None
+        if self.obs:  # its whole-catalog answers would load Consul at 2,000 checks
+            self.obs.stop()
+            self.obs = None
+        cfg = self.cfg
+        res: dict = {"idle_s": cfg["scale_idle_s"], "flip_reps": cfg["scale_flip_reps"], "rows": []}
+        self.results["scale"] = res
+        servers: list[HealthServer] = []
+        try:
+            for k in range(scale.SERVERS):
+                names = [scale.svc_name(k, i) for i in range(scale.PER_SERVER)]
+                servers.append(HealthServer(self.procs, self.args.health_server, 0, names, self.path(f"scale-server-{k}.log")))
+            log("scale: Consul's own floor")
+            res["consul_floor"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
+            for backend, n, interval, idle_s in cfg["scale_rows"]:
+                res["rows"].append(self.scale_row(servers, backend, n, interval, idle_s or cfg["scale_idle_s"]))
+            # Again at the end, on a Consul that has had 4,000 services come and go.
+            log("scale: Consul's own floor, again")
+            res["consul_floor_after"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
+        finally:
+            for hs in servers:
+                hs.stop()
+
+    def scale_row(self, servers: list[HealthServer], backend: str, n: int, interval: str, idle_s: float) -> dict:
+        log(f"scale: {n} services, interval {interval}, {backend}")
+        files = {}
+        for j in range(n):
+            k, i = divmod(j, scale.PER_SERVER)
+            name = scale.svc_name(k, i)
+            files[f"{name}.toml"] = service_file(name, name, servers[k].port, name, "watch", interval=interval, ttl="15s")
+        node = f"scale-{backend}-{n}-{interval}"
+        watch = None
+        t0 = time.monotonic()
+        t = Tether(self.procs, self.args.tether, self.path(f"tether-scale-{backend}-{n}-{interval}", "x"), node, backend, self.url(backend), files)
+        try:
+            if backend == "consul":
+                watch = scale.LivenessWatch(self.consul, "tether", f"tether-liveness:{node}")
+                done = lambda: scale.consul_all_passing(self.consul, "tether", n)  # noqa: E731
+                every = 0.2 if n > 100 else 0.05
+            else:
+                done = lambda: self.etcd.count("services/sc-") == n  # noqa: E731
+                every = 0.05
+            wait_until(lambda: t.alive() and done(), 300, every, f"{n} services passing ({backend})")
+            startup = time.monotonic() - t0
+            rss_start = status_kb(t.pid, "VmRSS")
+            time.sleep(3)
+            pids = {"tether": t.pid, backend: self.consul.pid if backend == "consul" else self.etcd.pid}
+            w = CpuWindow(pids).start()
+            time.sleep(idle_s)
+            idle = w.stop()
+            for pname, pid in pids.items():
+                idle[f"{pname}_rss_kb"] = status_kb(pid, "VmRSS")
+                idle[f"{pname}_hwm_kb"] = status_kb(pid, "VmHWM")
+            log(f"scale: idle: {json.dumps(idle)}")
+            flips, backs = [], []
+            if n >= scale.PER_SERVER:
+                hs = servers[0]
+                for r in range(self.cfg["scale_flip_reps"]):
+                    time.sleep(1.0)
+                    if backend == "consul":
+                        regex = "^tether:sc-0-"
+                        _, index = scale.consul_state(self.consul, "critical", regex)
+                        t1, _ = hs.set("not_serving")
+                        seen = scale.consul_wait_count(self.consul, "critical", regex, scale.PER_SERVER, index, 60)
+                        flips.append(None if seen is None else round((seen - t1) * 1000, 2))
+                        time.sleep(1.0)
+                        _, index = scale.consul_state(self.consul, "critical", regex)
+                        t1, _ = hs.set("serving")
+                        seen = scale.consul_wait_count(self.consul, "critical", regex, 0, index, 60)
+                        backs.append(None if seen is None else round((seen - t1) * 1000, 2))
+                    else:
+                        ew = WatchObserver(self.etcd, "services/sc-0-")
+                        try:
+                            t1, _ = hs.set("not_serving")
+                            if ew.wait(lambda s: len(s) == 0, 60):
+                                flips.append(round((max(tt for tt, _, e in ew.events if e == "DELETE" and tt >= t1) - t1) * 1000, 2))
+                            time.sleep(1.0)
+                            t1, _ = hs.set("serving")
+                            if ew.wait(lambda s: len(s) == scale.PER_SERVER, 60):
+                                backs.append(round((max(tt for tt, _, e in ew.events if e == "PUT" and tt >= t1) - t1) * 1000, 2))
+                        finally:
+                            ew.stop()
+                    log(f"scale: flip of 100: → not passing {flips[-1] if flips else None} ms, back {backs[-1] if backs else None} ms")
+                if hs.status != "serving":
+                    hs.set("serving")
+                wait_until(done, 60, 0.2, "all passing again after the flips")
+            alive_at_end = t.alive()
+            code, stop_secs = t.stop()
+        finally:
+            if watch:
+                watch.stop()
+            if t.alive():
+                t.stop()
+        liveness = None
+        if backend == "consul":
+            wait_until(lambda: self.consul.count_prefix("tether:sc-") == 0, 120, 0.25, "deregistration")
+            liveness = {
+                "statuses_seen": [s for _, s in watch.seen], "ever_critical": not watch.never_critical(),
+                "consul_ttl_expired_log_lines": scale.consul_ttl_expired_lines(self.consul, f"tether-liveness:{node}"),
+            }  # fmt: skip
+        else:
+            wait_until(lambda: self.etcd.count("services/sc-") == 0, 60, 0.25, "keys removed")
+        r = {
+            "backend": backend, "n": n, "servers": max(1, -(-n // scale.PER_SERVER)), "interval": interval, "mode": "watch",
+            "startup_to_all_passing_s": round(startup, 3), "rss_kb_at_all_passing": rss_start, "idle": idle,
+            "flip100_to_not_passing_ms": flips, "flip100_back_ms": backs,
+            "flip100_to_not_passing_p50_ms": scale.median([x for x in flips if x is not None]),
+            "flip100_back_p50_ms": scale.median([x for x in backs if x is not None]),
+            "liveness": liveness, "alive_at_end": alive_at_end, "exit_code": code, "shutdown_s": round(stop_secs, 2),
+        }  # fmt: skip
+        log("scale:", json.dumps(r))
+        return r
+
     def tether_check_indexes(self) -> dict[str, int]:
         """ModifyIndex of every tether check in Consul's catalog: any catalog
         write to one of them (a status or output change) moves it."""
@@ -639,6 +777,9 @@ def main() -> int:
         cfg["ns"] = [int(x) for x in args.services.split(",")]
         cfg["cost_ns"] = [n for n in cfg["ns"] if n >= 100]
         cfg["etcd_ns"] = [n for n in cfg["ns"] if n >= 100]
+    unknown = set(args.phases.split(",")) - set(PHASES) if args.phases else set()
+    if unknown:
+        ap.error(f"unknown phases: {', '.join(sorted(unknown))} (known: {', '.join(PHASES)})")
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 

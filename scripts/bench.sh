@@ -4,18 +4,22 @@
 # 10/100/1000 services and the registries' own cost, in one run against one
 # Consul dev agent and one etcd on loopback. See docs/BENCHMARKS.md.
 #
-#   scripts/bench.sh [--quick] [--out DIR] [-- extra bench/run.py options]
+#   scripts/bench.sh [--quick] [--only PHASES] [--out DIR] [-- extra bench/run.py options]
 #
-#   --quick     smoke run (~5 min): 10 flips, 10 and 100 services, 10 s windows
+#   --quick     smoke run (~9 min): 10 flips, 10 and 100 services, 10 s windows
+#   --only P    run only these phases (comma-separated), e.g. --only scale:
+#               1,000 services over 10 servers, Consul's own floor (~7 min)
 #   --out DIR   where results.json, report.md and logs/ go
 #               (default: $CARGO_TARGET_DIR/bench-results/<UTC time>, target/ if unset)
 # Other options go to bench/run.py (e.g. --flips 80, --seed 1, --keep,
 # --phases calibration,detection); see python3 bench/run.py --help.
+# Phases: calibration baseline detection crash config etcd rotation footprint scale.
 #
 # Builds tether and the example health server in release mode with
-# CARGO_TARGET_DIR (default target/), and the grpc-go client of tests/go. A full run takes about 13-15 minutes on a
-# 2-core machine. Every process it starts is stopped at the end, also on error
-# or Ctrl-C (run.py: try/finally, PR_SET_PDEATHSIG).
+# CARGO_TARGET_DIR (default target/), and the grpc-go client of tests/go. A
+# full run takes about 20 minutes on a 2-core machine (the scale phase about 6
+# of them). Every process it starts is stopped at the end, also on error or
+# Ctrl-C (run.py: try/finally, PR_SET_PDEATHSIG).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -26,8 +30,10 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --out) out="$2"; shift 2 ;;
         --out=*) out="${1#--out=}"; shift ;;
+        --only) args+=(--phases "$2"); shift 2 ;;
+        --only=*) args+=(--phases "${1#--only=}"); shift ;;
         --) shift; args+=("$@"); break ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1"); shift ;;
     esac
 done

@@ -1,0 +1,164 @@
+"""The scale phase ("1,000 services on one agent"): one tether with 1,000
+service files over 10 health servers, Consul's own floor for the same writes,
+the single-service footprint. Python 3.11 standard library only."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+import urllib.parse
+
+from common import Http, log, wait_until
+
+SERVERS, PER_SERVER = 10, 100
+
+
+def median(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 4) if xs else None
+
+
+def svc_name(server: int, i: int) -> str:
+    return f"sc-{server}-{i}"
+
+
+def consul_state(consul, state: str, regex: str, index: int = 0, wait: str = "10s", http: Http | None = None) -> tuple[list, int]:
+    """/v1/health/state/<state> filtered on CheckID (a blocking query when
+    index > 0); (checks, X-Consul-Index)."""
+    q = urllib.parse.urlencode({"filter": f'CheckID matches "{regex}"', **({"index": index, "wait": wait} if index else {})})
+    status, headers, data = (http or consul.http).request("GET", f"/v1/health/state/{state}?{q}", timeout=40)
+    if status != 200:
+        raise RuntimeError(f"health/state/{state}: HTTP {status}: {data[:200]!r}")
+    return json.loads(data), int(headers.get("x-consul-index", "0"))
+
+
+def consul_wait_count(consul, state: str, regex: str, want: int, index: int, timeout: float) -> float | None:
+    """Blocking queries from `index` until exactly `want` checks matching
+    `regex` are in `state`; when that answer was read (monotonic), or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        checks, idx = consul_state(consul, state, regex, index, "5s")
+        t = time.monotonic()
+        if len(checks) == want:
+            return t
+        index = idx if idx > index else 0
+    return None
+
+
+def consul_all_passing(consul, prefix: str, n: int) -> bool:
+    """Both checks of all n services (`<prefix>:<id>` TTL and
+    `<prefix>-alive:<id>` alias) passing in the catalog."""
+    checks, _ = consul_state(consul, "passing", f"^{prefix}(-alive)?:sc-")
+    return len(checks) == 2 * n
+
+
+class LivenessWatch:
+    """Blocking queries on /v1/health/checks/<service>: every status the
+    liveness check `check_id` was seen in (a thread; tiny answers)."""
+
+    def __init__(self, consul, service: str, check_id: str) -> None:
+        self.consul, self.service, self.check_id = consul, service, check_id
+        self.http = Http(consul.port, timeout=40)
+        self.seen: list[tuple[float, str]] = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="liveness-watch")
+        self.thread.start()
+
+    def _run(self) -> None:
+        index = 0
+        while not self.stopping:
+            try:
+                q = f"?index={index}&wait=10s" if index else ""
+                status, headers, data = self.http.request("GET", f"/v1/health/checks/{self.service}{q}", timeout=40)
+                if status == 200:
+                    for c in json.loads(data):
+                        if c["CheckID"] == self.check_id and (not self.seen or self.seen[-1][1] != c["Status"]):
+                            self.seen.append((time.monotonic(), c["Status"]))
+                    idx = int(headers.get("x-consul-index", "0"))
+                    index = idx if idx > index else 0
+            except Exception:  # noqa: BLE001 - keep watching
+                if self.stopping:
+                    return
+                time.sleep(0.1)
+
+    def never_critical(self) -> bool:
+        return all(s == "passing" for _, s in self.seen)
+
+    def stop(self) -> None:
+        self.stopping = True
+        conn = self.http.conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(2)
+            except OSError:
+                pass
+        self.thread.join(5)
+
+
+def consul_ttl_expired_lines(consul, check_id: str) -> int:
+    """Consul's own log lines about `check_id`'s TTL expiring (log level warn)."""
+    try:
+        with open(consul.log_path, errors="replace") as f:
+            return sum(1 for line in f if "TTL expired" in line and check_id in line)
+    except OSError:
+        return -1
+
+
+def floor_registration(sid: str, port: int, live: str) -> dict:
+    """The same shape as tether's registration (src/registry/consul/mod.rs):
+    a TTL health check with status, and an alias of a liveness service."""
+    return {
+        "ID": sid, "Name": sid, "Address": "127.0.0.1", "Port": port, "Tags": [],
+        "Meta": {"managed-by": "bench-floor", "tether-node": "floor"},
+        "Checks": [
+            {"CheckID": f"floor:{sid}", "Name": "gRPC health (floor)", "Notes": f"grpc.health.v1 watch of 127.0.0.1:{port} service {sid!r} by the benchmark",
+             "TTL": "24h0m0s", "Status": "passing", "DeregisterCriticalServiceAfter": "1m0s"},
+            {"CheckID": f"floor-alive:{sid}", "Name": "agent alive (floor)", "AliasService": live, "DeregisterCriticalServiceAfter": "1m0s"},
+        ],
+    }  # fmt: skip
+
+
+def consul_floor(consul, n: int, updates: int, reps: int) -> dict:
+    """Consul's own floor: n registrations PUT sequentially on one keep-alive
+    connection, then `updates` TTL check updates, timed by the PUTs and until
+    the catalog shows them."""
+    h = consul.http
+    live = "floor-live"
+    live_reg = {"ID": live, "Name": "floor-live", "Checks": [{"CheckID": "floor-liveness", "Name": "liveness", "TTL": "10m", "Status": "passing"}]}
+    h.json("PUT", "/v1/agent/service/register?replace-existing-checks=true", live_reg)
+    ids = [f"sc-f-{i}" for i in range(n)]
+    try:
+        t0 = time.monotonic()
+        for sid in ids:
+            h.json("PUT", "/v1/agent/service/register?replace-existing-checks=true", floor_registration(sid, 50000, live))
+        t_put = time.monotonic() - t0
+        wait_until(lambda: consul_all_passing(consul, "floor", n), 120, 0.1, f"floor: {n} passing")
+        t_all = time.monotonic() - t0
+        log(f"floor: {n} registrations PUT in {t_put:.2f} s, all passing in the catalog after {t_all:.2f} s")
+        upd_put, upd_seen = [], []
+        targets = ids[:updates]
+        for r in range(2 * reps):
+            status = "critical" if r % 2 == 0 else "passing"
+            time.sleep(1.0)
+            _, index = consul_state(consul, status, "^floor:sc-f-")
+            already = len(consul_state(consul, status, "^floor:sc-f-")[0])
+            t0 = time.monotonic()
+            for sid in targets:
+                h.json("PUT", f"/v1/agent/check/update/floor:{sid}", {"Status": status, "Output": f"bench floor: {status}"})
+            t1 = time.monotonic()
+            want = already + updates if status == "critical" else n
+            seen = consul_wait_count(consul, status, "^floor:sc-f-", want, index, 60)
+            if status == "critical":  # the flip direction the target is about
+                upd_put.append(round(t1 - t0, 4))
+                upd_seen.append(None if seen is None else round(seen - t0, 4))
+            log(f"floor: {updates} check updates → {status}: PUTs {t1 - t0:.3f} s, catalog {None if seen is None else round(seen - t0, 3)} s")
+        return {
+            "n": n, "register_put_s": round(t_put, 3), "register_to_all_passing_s": round(t_all, 3),
+            "updates": updates, "update_put_s": upd_put, "update_to_catalog_s": upd_seen,
+            "update_put_p50_s": median(upd_put), "update_to_catalog_p50_s": median([x for x in upd_seen if x is not None]),
+        }  # fmt: skip
+    finally:
+        for sid in ids:
+            h.request("PUT", f"/v1/agent/service/deregister/{sid}")
+        h.request("PUT", f"/v1/agent/service/deregister/{live}")
