@@ -45,7 +45,7 @@ sed -e "s|^port = .*|port = $app|" -e 's|^# address = .*|address = "127.0.0.1"|'
 "$tether" validate --config "$work/tether.toml"
 
 echo "== starting tether"
-RUST_LOG=info "$tether" run --config "$work/tether.toml" 2>"$work/tether.log" &
+RUNTIME_DIRECTORY="$work/run" RUST_LOG=info "$tether" run --config "$work/tether.toml" 2>"$work/tether.log" &
 tether_pid=$!
 pids+=($tether_pid)
 
