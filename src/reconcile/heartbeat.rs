@@ -57,9 +57,10 @@ pub async fn run<H: Heartbeat>(
                 if r.is_err() {
                     return;
                 }
-                // Presence (re-)established: it starts passing; beat on the new cadence.
+                // Presence (re-)established or adopted: beat now (an adopted
+                // liveness check may have lapsed meanwhile), then on the new cadence.
                 last_ok = Some(Instant::now());
-                next = Instant::now() + every;
+                next = Instant::now();
                 continue;
             }
             _ = sleep_until(next) => {}
