@@ -122,6 +122,10 @@ pub struct Reconciler<R: Registry> {
     sync_due: bool,
     next_anti_entropy: Instant,
     retry: Backoff,
+    /// Services with no health result yet, and when the last of their
+    /// first-result graces ends.
+    undecided: usize,
+    undecided_until: Instant,
     /// Set by an anti-entropy read: (fixes, after errors); reported once its fixes are written.
     ae_report: Option<(u64, bool)>,
     queue: Queue,
@@ -180,6 +184,8 @@ impl<R: Registry> Reconciler<R> {
             next_anti_entropy: now + Duration::from_secs(86400),
             retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
             ae_report: None,
+            undecided: 0,
+            undecided_until: now,
             queue: Queue::default(),
             max_batch,
             busy: Busy::Idle,
@@ -284,7 +290,10 @@ impl<R: Registry> Reconciler<R> {
         }
         let batch = self.queue.take(self.max_batch);
         self.telemetry.metrics.write_queue.set(self.queue.len() as i64);
-        if batch.is_empty() {
+        // In sync once the fixes are written and every new service has its
+        // first result (or its grace ran out, and it was registered waiting).
+        let settled = self.undecided == 0 || Instant::now() >= self.undecided_until;
+        if batch.is_empty() && settled {
             if let Some((fixes, was_retrying)) = self.ae_report.take() {
                 let first = !self.telemetry.is_ready();
                 if first || was_retrying || fixes > 0 {
@@ -295,6 +304,9 @@ impl<R: Registry> Reconciler<R> {
                     systemd::ready();
                 }
             }
+            return;
+        }
+        if batch.is_empty() {
             return;
         }
         for w in &batch {
@@ -312,6 +324,9 @@ impl<R: Registry> Reconciler<R> {
         let removed: Vec<String> = self.entries.keys().filter(|id| !set.contains_key(*id)).cloned().collect();
         for id in removed {
             let entry = self.entries.remove(&id).expect("present");
+            if entry.health.is_none() {
+                self.undecided -= 1;
+            }
             entry.probe.cancel();
             self.telemetry.metrics.forget(&id);
             self.telemetry.set_service(&id, None);
@@ -348,7 +363,10 @@ impl<R: Registry> Reconciler<R> {
                     let probe = spawn_probe(self, &id, &spec);
                     self.telemetry.metrics.service_health.get_or_create(&Metrics::service(&id)).set(-1);
                     let now = Instant::now();
-                    self.timers.push(Reverse((now + spec.check.timeout + FIRST_RESULT_GRACE, id.clone())));
+                    let grace_ends = now + spec.check.timeout + FIRST_RESULT_GRACE;
+                    self.timers.push(Reverse((grace_ends, id.clone())));
+                    self.undecided += 1;
+                    self.undecided_until = self.undecided_until.max(grace_ends);
                     self.entries.insert(
                         id.clone(),
                         Entry {
@@ -400,6 +418,9 @@ impl<R: Registry> Reconciler<R> {
         m.service_health.get_or_create(&Metrics::service(&change.id)).set(i64::from(change.health.status == Status::Passing));
         m.transition(&change.id, change.health.status.as_str());
         entry.since = Some(SystemTime::now());
+        if entry.health.is_none() {
+            self.undecided -= 1;
+        }
         entry.health = Some(change.health);
         self.sync(&change.id, true);
         self.publish(&change.id);
