@@ -29,7 +29,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::Code;
-use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 /// Services per connection before another connection to the same target is
@@ -127,8 +126,8 @@ impl Connections {
 }
 
 impl Lease {
-    pub fn client(&self) -> HealthClient<Channel> {
-        HealthClient::new(self.conn.channel.clone())
+    pub fn channel(&self) -> Channel {
+        self.conn.channel.clone()
     }
 
     /// The connection's liveness results.
@@ -164,11 +163,11 @@ async fn liveness(conn: Weak<Conn>) {
             continue;
         }
         let (_, deadline) = settings(&conn).expect("alive");
-        let mut client = HealthClient::new(c.channel.clone());
+        let channel = c.channel.clone();
         drop(c);
         let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
         req.set_timeout(deadline);
-        let error = match tokio::time::timeout(deadline, client.check(req)).await {
+        let error = match tokio::time::timeout(deadline, super::rpc::check(channel, req)).await {
             Err(_) => Some(format!("deadline exceeded after {}", humantime::format_duration(deadline))),
             Ok(Ok(_)) => None,
             Ok(Err(status)) if server_answered(&status) => None,

@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod probe;
+pub mod rpc;
 pub mod supervisor;
 pub mod threshold;
 

@@ -17,6 +17,7 @@
 //! Poll mode calls `Check` every `interval` with `timeout` as the deadline.
 
 use super::conn::{Beat, Connections, Lease};
+use super::rpc;
 use super::Observation;
 use crate::backoff::{jitter, Backoff};
 use crate::config::tls::TlsConfig;
@@ -131,7 +132,7 @@ impl Probe {
                 // Liveness results from before this stream do not concern it.
                 self.beats.borrow_and_update();
                 self.last = None;
-                match timeout(self.spec.timeout, self.lease.client().watch(req)).await {
+                match timeout(self.spec.timeout, rpc::watch(self.lease.channel(), tonic::Request::new(req))).await {
                     Err(_) => {
                         return self
                             .fail(format!("deadline exceeded after {} opening Watch", humantime::format_duration(self.spec.timeout)))
@@ -209,7 +210,7 @@ impl Probe {
         let mut req = tonic::Request::new(HealthCheckRequest { service: self.spec.service.clone() });
         req.set_timeout(self.spec.timeout);
         let started = Instant::now();
-        let mut obs = match timeout(self.spec.timeout, self.lease.client().check(req)).await {
+        let mut obs = match timeout(self.spec.timeout, rpc::check(self.lease.channel(), req)).await {
             Err(_) => Observation {
                 ok: false,
                 output: format!("deadline exceeded after {}", humantime::format_duration(self.spec.timeout)),
