@@ -22,11 +22,18 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How long a starting agent watches another run's record at most (one
-/// heartbeat period, ttl/3, plus a margin: 6.5 s at the default ttl of 15 s).
-pub const WATCH_AT_MOST: Duration = Duration::from_secs(60);
+/// How long a starting agent watches another run's record at most.
+const WATCH_AT_MOST: Duration = Duration::from_secs(60);
 /// Margin over one heartbeat period when watching.
-pub const WATCH_MARGIN: Duration = Duration::from_millis(1500);
+const WATCH_MARGIN: Duration = Duration::from_millis(1500);
+/// How often the record is read while watching.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// How long to watch another run's record whose heartbeat period is `period`:
+/// one period plus a margin (6.5 s at the default ttl of 15 s), at most 60 s.
+pub fn watch_window(period: Duration) -> Duration {
+    (period + WATCH_MARGIN).min(WATCH_AT_MOST)
+}
 
 /// A fresh id for this run of the agent.
 pub fn run_id() -> String {

@@ -86,10 +86,8 @@ impl Connections {
         let mut map = lock(&self.inner);
         let conns = map.entry(key.clone()).or_default();
         conns.retain(|w| w.strong_count() > 0);
-        let usable = conns.iter().filter_map(Weak::upgrade).find(|c| {
-            c.users.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION
-                && !c.rotation.as_ref().is_some_and(|r| r.changed(key.tls.as_ref().expect("rotation implies tls")))
-        });
+        let usable =
+            conns.iter().filter_map(Weak::upgrade).find(|c| c.users.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION && !c.rotated());
         let conn = match usable {
             Some(c) => c,
             None => {
@@ -137,7 +135,13 @@ impl Lease {
 
     /// Whether the TLS files this connection was built from changed since.
     pub fn rotated(&self) -> bool {
-        match (&self.conn.rotation, &self.conn.key.tls) {
+        self.conn.rotated()
+    }
+}
+
+impl Conn {
+    fn rotated(&self) -> bool {
+        match (&self.rotation, &self.key.tls) {
             (Some(r), Some(tls)) => r.changed(tls),
             _ => false,
         }

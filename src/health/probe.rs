@@ -25,7 +25,7 @@ use crate::config::{CheckMode, CheckSpec};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
@@ -224,14 +224,8 @@ impl Probe {
     }
 }
 
-/// A lazily connecting channel to `host:port`, over TLS when `tls` is set.
-/// A certificate that does not verify fails the connection: there is no
-/// fallback to plaintext.
-pub fn channel(target: &str, connect_timeout: Duration, tls: Option<&TlsConfig>) -> Result<Channel, String> {
-    Ok(endpoint(target, connect_timeout, tls)?.connect_lazy())
-}
-
-/// The endpoint behind [`channel`].
+/// The endpoint of `host:port`, over TLS when `tls` is set. A certificate that
+/// does not verify fails the connection: there is no fallback to plaintext.
 pub fn endpoint(target: &str, connect_timeout: Duration, tls: Option<&TlsConfig>) -> Result<Endpoint, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{target}"))

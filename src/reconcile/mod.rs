@@ -101,13 +101,6 @@ struct Entry {
     probe: CancellationToken,
 }
 
-/// What the writer is doing.
-enum Busy {
-    Idle,
-    Writing,
-    Syncing,
-}
-
 pub struct Reconciler<R: Registry> {
     view: R::View,
     node: String,
@@ -130,11 +123,12 @@ pub struct Reconciler<R: Registry> {
     ae_report: Option<(u64, bool)>,
     queue: Queue,
     max_batch: usize,
-    busy: Busy,
+    /// The writer holds a piece of work; the next goes out when it reports back.
+    writer_busy: bool,
     work_tx: mpsc::Sender<Work>,
     done_rx: mpsc::Receiver<Done>,
     writer: JoinHandle<R>,
-    /// Fixes queued by the current anti-entropy pass, counted when written.
+    /// Fixes queued by the current anti-entropy pass.
     fixes: u64,
     /// Deadlines (deregister-after-critical, first-result grace), checked lazily.
     timers: BinaryHeap<Reverse<(Instant, String)>>,
@@ -188,7 +182,7 @@ impl<R: Registry> Reconciler<R> {
             undecided_until: now,
             queue: Queue::default(),
             max_batch,
-            busy: Busy::Idle,
+            writer_busy: false,
             work_tx,
             done_rx,
             writer,
@@ -273,7 +267,7 @@ impl<R: Registry> Reconciler<R> {
     /// Hand the writer its next piece of work if it is free: urgent writes,
     /// then a due anti-entropy pass, then background fixes.
     fn dispatch(&mut self) {
-        if !matches!(self.busy, Busy::Idle) {
+        if self.writer_busy {
             return;
         }
         let urgent_first = !self.stale && self.queue.has_urgent();
@@ -281,7 +275,7 @@ impl<R: Registry> Reconciler<R> {
             self.sync_due = false;
             let agent = self.agent.clone();
             if self.work_tx.try_send(Work::Sync(agent)).is_ok() {
-                self.busy = Busy::Syncing;
+                self.writer_busy = true;
             }
             return;
         }
@@ -290,23 +284,8 @@ impl<R: Registry> Reconciler<R> {
         }
         let batch = self.queue.take(self.max_batch);
         self.telemetry.metrics.write_queue.set(self.queue.len() as i64);
-        // In sync once the fixes are written and every new service has its
-        // first result (or its grace ran out, and it was registered waiting).
-        let settled = self.undecided == 0 || Instant::now() >= self.undecided_until;
-        if batch.is_empty() && settled {
-            if let Some((fixes, was_retrying)) = self.ae_report.take() {
-                let first = !self.telemetry.is_ready();
-                if first || was_retrying || fixes > 0 {
-                    tracing::info!(fixes, services = self.entries.len(), "anti-entropy: registry in sync");
-                }
-                if first {
-                    self.telemetry.set_ready();
-                    systemd::ready();
-                }
-            }
-            return;
-        }
         if batch.is_empty() {
+            self.report_in_sync();
             return;
         }
         for w in &batch {
@@ -315,7 +294,26 @@ impl<R: Registry> Reconciler<R> {
             }
         }
         if self.work_tx.try_send(Work::Writes(batch)).is_ok() {
-            self.busy = Busy::Writing;
+            self.writer_busy = true;
+        }
+    }
+
+    /// Once an anti-entropy pass's fixes are written and every new service has
+    /// its first result (or its grace ran out and it was registered waiting):
+    /// say so, and become ready the first time.
+    fn report_in_sync(&mut self) {
+        let settled = self.undecided == 0 || Instant::now() >= self.undecided_until;
+        if !settled {
+            return;
+        }
+        let Some((fixes, was_retrying)) = self.ae_report.take() else { return };
+        let first = !self.telemetry.is_ready();
+        if first || was_retrying || fixes > 0 {
+            tracing::info!(fixes, services = self.entries.len(), "anti-entropy: registry in sync");
+        }
+        if first {
+            self.telemetry.set_ready();
+            systemd::ready();
         }
     }
 
@@ -440,8 +438,8 @@ impl<R: Registry> Reconciler<R> {
 
     /// What the registry should hold for an entry.
     fn desired(&self, entry: &Entry) -> Desired {
-        let keeps_drained = self.view.keeps_critical();
-        if entry.drained && !keeps_drained {
+        // A registry that drops critical records drops drained ones too.
+        if entry.drained && !self.view.keeps_critical() {
             return Desired::Absent;
         }
         let known = entry.health.clone().or_else(|| entry.remote.as_ref().and_then(|r| r.health.clone()));
@@ -507,7 +505,7 @@ impl<R: Registry> Reconciler<R> {
     }
 
     fn on_done(&mut self, done: Done) {
-        self.busy = Busy::Idle;
+        self.writer_busy = false;
         match done {
             Done::Writes { writes, done, error } => self.on_writes(writes, done, error),
             Done::Sync(agent, Ok(remote)) => self.on_synced(agent, remote),

@@ -579,11 +579,10 @@ impl Registry for Etcd {
         // seconds, so watch for longer than one period and compare.
         let granted = first.granted_ttl().max(1);
         let period = (granted as u64).div_ceil(3) as i64;
-        let watch = (Duration::from_secs(period as u64) + crate::identity::WATCH_MARGIN).min(crate::identity::WATCH_AT_MOST);
-        let until = tokio::time::Instant::now() + watch;
+        let until = tokio::time::Instant::now() + crate::identity::watch_window(Duration::from_secs(period as u64));
         let mut last = first.ttl();
         while tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(crate::identity::SAMPLE_EVERY).await;
             let now = client.lease_time_to_live(record.lease, None).await.map_err(err)?.ttl();
             if now <= 0 {
                 return Ok(None);

@@ -67,6 +67,11 @@ struct Conn {
 }
 
 impl Conn {
+    /// The agent's services and checks: one read of its state.
+    async fn read(&self) -> Result<(HashMap<String, AgentService>, HashMap<String, AgentCheck>)> {
+        tokio::try_join!(self.client.services(), self.client.checks()).map_err(err)
+    }
+
     fn new(address: &str, tls: TlsConfig, token_file: Option<PathBuf>) -> std::result::Result<Self, String> {
         let client = ConsulClient::new(address, None, &tls)?;
         let rotation = Rotation::new(&tls);
@@ -354,8 +359,8 @@ impl Registry for Consul {
         let id = agent_service_id(self.owner());
         let check_id = liveness_check_id(self.owner());
         let meta = self.agent_meta(agent);
+        let (services, checks) = self.conn.read().await?;
         let client = &self.conn.client;
-        let (services, checks) = tokio::try_join!(client.services(), client.checks()).map_err(err)?;
         let present = services.get(&id).is_some_and(|s| s.meta.as_ref() == Some(&meta)) && checks.contains_key(&check_id);
         if !present {
             let reg = ServiceRegistration {
@@ -385,8 +390,7 @@ impl Registry for Consul {
     }
 
     async fn list(&mut self) -> Result<Vec<RemoteEntry>> {
-        let client = &self.conn.client;
-        let (services, checks) = tokio::try_join!(client.services(), client.checks()).map_err(err)?;
+        let (services, checks) = self.conn.read().await?;
         Ok(self.owned_entries(services, &checks))
     }
 
@@ -415,8 +419,8 @@ impl Registry for Consul {
     async fn claim(&mut self) -> Result<Option<String>> {
         self.conn.refresh()?;
         let check_id = liveness_check_id(self.owner());
+        let (services, checks) = self.conn.read().await?;
         let client = &self.conn.client;
-        let (services, checks) = tokio::try_join!(client.services(), client.checks()).map_err(err)?;
         let Some(first) = checks.get(&check_id) else { return Ok(None) };
         if first.status != "passing" || first.output.starts_with(STOPPED) {
             return Ok(None);
@@ -427,10 +431,9 @@ impl Registry for Consul {
             .and_then(|s| s.meta.as_ref()?.get("tether-ttl").cloned())
             .and_then(|t| crate::config::duration::parse(&t).ok())
             .map_or(Duration::from_secs(5), |ttl| ttl / 3);
-        let watch = (period + crate::identity::WATCH_MARGIN).min(crate::identity::WATCH_AT_MOST);
-        let until = tokio::time::Instant::now() + watch;
+        let until = tokio::time::Instant::now() + crate::identity::watch_window(period);
         while tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(crate::identity::SAMPLE_EVERY).await;
             let checks = client.checks().await.map_err(err)?;
             match checks.get(&check_id) {
                 Some(c) if c.status == "passing" && c.output != first.output && !c.output.starts_with(STOPPED) => {
