@@ -233,6 +233,27 @@ impl Drop for Consul {
 }
 
 /// The example gRPC server (tonic-health) as a child process, driven on stdin.
+/// Start a server driven on stdin that prints `listening on ADDR` first (the
+/// example health server and the Go one): the child, its pipes and its port.
+fn spawn_driven(cmd: &mut Command, what: &str) -> (Child, ChildStdin, BufReader<ChildStdout>, u16) {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{what} said {line:?}"));
+    (child, stdin, stdout, port)
+}
+
+/// Send a status line to a driven server; returns once it answered "ok".
+fn set_driven(stdin: &mut ChildStdin, stdout: &mut BufReader<ChildStdout>, status: &str) {
+    writeln!(stdin, "{status}").unwrap();
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ok");
+}
+
 pub struct HealthServer {
     child: Child,
     stdin: ChildStdin,
@@ -257,12 +278,7 @@ impl HealthServer {
         if no_health {
             cmd.arg("--no-health");
         }
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start health server");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("health server said {line:?}"));
+        let (child, stdin, stdout, port) = spawn_driven(cmd.stderr(Stdio::null()), "health server");
         HealthServer { child, stdin, stdout, port }
     }
 
@@ -272,11 +288,7 @@ impl HealthServer {
 
     /// "serving", "not_serving" or "unknown"; returns once the server applied it.
     pub fn set(&mut self, status: &str) {
-        writeln!(self.stdin, "{status}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ok");
+        set_driven(&mut self.stdin, &mut self.stdout, status);
     }
 
     pub fn pid(&self) -> i32 {
@@ -769,12 +781,7 @@ impl HealthServer {
         if mtls {
             cmd.args(["--tls-client-ca", &pki.path("ca.pem")]);
         }
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start health server");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("health server said {line:?}"));
+        let (child, stdin, stdout, port) = spawn_driven(cmd.stderr(Stdio::null()), "health server");
         HealthServer { child, stdin, stdout, port }
     }
 }
@@ -938,18 +945,9 @@ impl GoHealthServer {
     pub fn start() -> GoHealthServer {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("healthserver.log");
-        let mut child = Command::new(go_bin("healthserver"))
-            .arg("127.0.0.1:0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start Go health server");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("Go health server said {line:?}"));
+        let mut cmd = Command::new(go_bin("healthserver"));
+        cmd.arg("127.0.0.1:0").stderr(std::fs::File::create(&log).unwrap());
+        let (child, stdin, stdout, port) = spawn_driven(&mut cmd, "Go health server");
         GoHealthServer { child, stdin, stdout: Some(stdout), port, log, _dir: dir }
     }
 
@@ -959,11 +957,7 @@ impl GoHealthServer {
 
     /// "serving" or "not_serving"; returns once the server applied it.
     pub fn set(&mut self, status: &str) {
-        writeln!(self.stdin, "{status}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.as_mut().expect("server not stopped").read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ok");
+        set_driven(&mut self.stdin, self.stdout.as_mut().expect("server not stopped"), status);
     }
 
     /// `health.Shutdown()` then `GracefulStop()`; waits up to `limit` for
