@@ -210,6 +210,15 @@ class Http:
             raise RuntimeError(f"{method} {path}: HTTP {status}: {data[:300]!r}")
         return json.loads(data) if data else None
 
+    def abort(self) -> None:
+        """Break a request blocked in another thread (a long blocking query)."""
+        conn = self.conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(2)
+            except OSError:
+                pass
+
     def close(self) -> None:
         if self.conn is not None:
             try:

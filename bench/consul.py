@@ -141,10 +141,5 @@ class CatalogObserver:
 
     def stop(self) -> None:
         self.stopping = True
-        conn = self.http.conn
-        if conn is not None and conn.sock is not None:
-            try:
-                conn.sock.shutdown(2)
-            except OSError:
-                pass
+        self.http.abort()
         self.thread.join(5)
