@@ -1,10 +1,12 @@
 //! File-system events on the services directory → "rescan now".
 //!
-//! Events are not interpreted: any event, rescan flag or watcher error only
-//! wakes the scanner, which reads the whole directory (see [`super::scan`]).
-//! The parent directory is watched as well, so a removed and re-created
-//! services directory is noticed; [`DirWatcher::refresh`] re-attaches the
-//! watch when the directory's identity changes.
+//! Events are not interpreted beyond where they happened: any event on the
+//! services directory or in it, rescan flag or watcher error only wakes the
+//! scanner, which reads the whole directory (see [`super::scan`]). The parent
+//! directory is watched as well, so a removed and re-created services
+//! directory is noticed; [`DirWatcher::refresh`] re-attaches the watch when
+//! the directory's identity changes. Events on the parent's other entries (a
+//! log file written beside the services directory, say) are ignored.
 //!
 //! notify's own watcher is used, not a debouncer: the scanner already lets a
 //! burst settle ([`DEBOUNCE`]) before it rescans, and notify's debouncers wake
@@ -32,12 +34,14 @@ pub struct DirWatcher {
 impl DirWatcher {
     /// Start watching `dir` (and its parent); `trigger` is notified on any event.
     pub fn new(dir: &Path, trigger: Arc<Notify>) -> notify::Result<Self> {
+        let services = dir.to_path_buf();
         let mut watcher = notify::recommended_watcher(move |result: notify::Result<Event>| {
             match &result {
                 Err(error) => tracing::warn!(%error, "config directory watcher error; rescanning"),
                 // Opening and reading files (our own scans among them) changes
                 // nothing; reacting to it would rescan forever.
                 Ok(event) if is_read_only(&event.kind) => return,
+                Ok(event) if !concerns(event, &services) => return,
                 Ok(_) => {}
             }
             trigger.notify_one();
@@ -77,6 +81,13 @@ fn is_read_only(kind: &EventKind) -> bool {
     matches!(kind, EventKind::Access(a) if !matches!(a, AccessKind::Close(AccessMode::Write)))
 }
 
+/// Whether an event can change what the services directory holds: it names
+/// the directory itself or something in it, or names nothing (a rescan flag).
+/// The parent's watch also reports its other entries; those are not ours.
+fn concerns(event: &Event, dir: &Path) -> bool {
+    event.paths.is_empty() || event.need_rescan() || event.paths.iter().any(|p| p.starts_with(dir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +100,16 @@ mod tests {
         assert!(!is_read_only(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
         assert!(!is_read_only(&EventKind::Modify(ModifyKind::Any)));
         assert!(!is_read_only(&EventKind::Create(CreateKind::File)));
+    }
+
+    #[test]
+    fn only_events_on_the_services_directory_concern_it() {
+        let dir = Path::new("/etc/tether/services.d");
+        let event = |path: &str| Event::new(EventKind::Modify(ModifyKind::Any)).add_path(PathBuf::from(path));
+        assert!(concerns(&event("/etc/tether/services.d"), dir), "the directory replaced or removed");
+        assert!(concerns(&event("/etc/tether/services.d/orders.toml"), dir));
+        assert!(!concerns(&event("/etc/tether/tether.toml"), dir), "a sibling in the parent");
+        assert!(!concerns(&event("/etc/tether/services.d.bak"), dir), "a sibling sharing the name's prefix");
+        assert!(concerns(&Event::new(EventKind::Other), dir), "no path: rescan to be safe");
     }
 }
