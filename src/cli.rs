@@ -1,6 +1,7 @@
-//! The command line: `run`, `validate`, `status`, `check` (and the hidden
-//! `generate`, which writes the man pages and shell completions from this
-//! very definition for the Debian package).
+//! The command line: `run`, `validate`, `status`, `check`, `drain`,
+//! `undrain`. The man pages and shell completions are generated from this very
+//! definition ([`command`]) by `src/bin/tether-generate.rs`, a separate binary,
+//! so the daemon carries no generator code.
 
 use crate::config::tls::TlsConfig;
 use crate::config::{agent, scan, Defaults};
@@ -100,12 +101,6 @@ enum Command {
         #[arg(long)]
         server_name: Option<String>,
     },
-    /// Write man pages or shell completions generated from this CLI (for packaging).
-    #[command(hide = true)]
-    Generate {
-        #[command(subcommand)]
-        what: Generate,
-    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -130,24 +125,6 @@ struct DrainTarget {
     instance: Option<String>,
 }
 
-#[derive(Subcommand, Debug)]
-enum Generate {
-    /// tether.1 and one page per subcommand (tether-run.1, ...).
-    Man {
-        /// Directory to write them into (created if missing).
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// The completion script for SHELL, under the name that shell looks for
-    /// (bash: tether, zsh: _tether, fish: tether.fish).
-    Completions {
-        shell: clap_complete::Shell,
-        /// Directory to write it into (created if missing).
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
@@ -167,7 +144,12 @@ pub fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    // One thread. tether's work is waiting on sockets and timers; a second
+    // worker only adds cross-thread wake-ups (futex, IPI) to every event, and
+    // at 1,000 services the registry, not tether, is the bottleneck
+    // (ARCHITECTURE.md, "One thread"). Nothing in tether blocks the thread:
+    // registry and health I/O is async, DNS goes to tokio's blocking pool.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match cli.command {
         Command::Run { config, log_format, instance } => {
             init_logging(log_format);
@@ -201,7 +183,6 @@ pub fn main() -> ExitCode {
             let tls = (tls || cfg.is_set()).then_some(cfg);
             runtime.block_on(check(&addr, &service, timeout, tls.as_ref()))
         }
-        Command::Generate { what } => generate(what),
         Command::Drain { target } => drain(target, true),
         Command::Undrain { target } => drain(target, false),
     }
@@ -277,45 +258,45 @@ fn drain(t: DrainTarget, on: bool) -> ExitCode {
     }
 }
 
-/// The CLI without its hidden subcommands, for completions (clap_complete would
-/// offer `generate` too; clap_mangen leaves hidden ones out by itself).
-fn public_command() -> clap::Command {
-    let full = Cli::command();
-    let mut public = clap::Command::new("tether").version(VERSION).subcommand_required(true);
-    if let Some(about) = full.get_about() {
-        public = public.about(about.clone());
-    }
-    public.subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
+/// The whole command-line definition (for the man pages and completions).
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
-fn generate(what: Generate) -> ExitCode {
-    let result = match &what {
-        Generate::Man { out } => std::fs::create_dir_all(out).and_then(|()| clap_mangen::generate_to(Cli::command(), out)),
-        Generate::Completions { shell, out } => {
-            std::fs::create_dir_all(out).and_then(|()| clap_complete::generate_to(*shell, &mut public_command(), "tether", out).map(drop))
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let (Generate::Man { out } | Generate::Completions { out, .. }) = &what;
-            eprintln!("error: writing into {}: {e}", out.display());
-            ExitCode::from(1)
-        }
+/// `RUST_LOG` as a level (`debug`) or a list of `target=level` directives
+/// (`info,tether::health=debug,h2=warn`). tracing-subscriber's `Targets`, not
+/// `EnvFilter`: no span or field filters, and no regex engine in the binary
+/// (about 240 KiB of code, a sidecar's memory).
+fn log_filter(value: Option<&str>) -> (tracing_subscriber::filter::Targets, Option<String>) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    let default = || Targets::new().with_default(LevelFilter::INFO);
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => (default(), None),
+        Some(v) => match v.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (
+                default(),
+                Some(format!("RUST_LOG={v:?} ignored ({e}); logging at info. Use a level or target=level directives, e.g. RUST_LOG=info,tether=debug")),
+            ),
+        },
     }
 }
 
 fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, bad) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi);
     // journald stamps every line itself.
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     match (format, under_journald) {
-        (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.without_time().with_ansi(false).init(),
-        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Json, _) => builder.json().finish().with(filter).init(),
+        (LogFormat::Text, true) => builder.without_time().with_ansi(false).finish().with(filter).init(),
+        (LogFormat::Text, false) => builder.finish().with(filter).init(),
+    }
+    if let Some(warning) = bad {
+        tracing::warn!("{warning}");
     }
 }
 
@@ -521,4 +502,28 @@ async fn status(config: &std::path::Path, json: bool) -> ExitCode {
         println!("config error: {e}");
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn rust_log_levels_and_targets() {
+        let (f, bad) = log_filter(None);
+        assert!(bad.is_none() && f.would_enable("tether", &Level::INFO) && !f.would_enable("tether", &Level::DEBUG));
+        let (f, bad) = log_filter(Some("warn,tether::health=debug"));
+        assert!(bad.is_none());
+        assert!(f.would_enable("tether::health::probe", &Level::DEBUG));
+        assert!(!f.would_enable("tether::reconcile", &Level::INFO) && f.would_enable("h2", &Level::WARN));
+    }
+
+    #[test]
+    fn a_filter_tether_cannot_read_falls_back_to_info_and_says_so() {
+        let (f, bad) = log_filter(Some("tether[span{x=1}]=debug"));
+        assert!(f.would_enable("tether", &Level::INFO) && !f.would_enable("tether", &Level::DEBUG));
+        let bad = bad.expect("a warning");
+        assert!(bad.contains("RUST_LOG") && bad.contains("target=level"), "{bad}");
+    }
 }

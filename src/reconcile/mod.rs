@@ -51,8 +51,13 @@ pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(30);
 /// Retry delays after registry errors: doubling from the first to the cap, jittered.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(10);
-/// The loop turns at least this often (loop-alive mark, watchdog).
-const TICK: Duration = Duration::from_secs(1);
+/// The loop turns at least this often when idle (the loop-alive mark that
+/// `/healthz` reads, well inside its [`LOOP_STUCK_AFTER`]); more often only
+/// for systemd's watchdog. Every idle wake-up costs a sidecar CPU.
+///
+/// [`LOOP_STUCK_AFTER`]: crate::telemetry::LOOP_STUCK_AFTER
+const TICK: Duration = Duration::from_secs(10);
+const _: () = assert!(TICK.as_secs() * 3 <= crate::telemetry::LOOP_STUCK_AFTER.as_secs());
 /// A new service is registered once its health is known; if no result comes
 /// within its check timeout plus this, it is registered critical meanwhile.
 const FIRST_RESULT_GRACE: Duration = Duration::from_secs(1);
