@@ -592,13 +592,15 @@ class Bench:
             for k in range(scale.SERVERS):
                 names = [scale.svc_name(k, i) for i in range(scale.PER_SERVER)]
                 servers.append(HealthServer(self.procs, self.args.health_server, 0, names, self.path(f"scale-server-{k}.log")))
-            log("scale: Consul's own floor")
-            res["consul_floor"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
+            if cfg["scale_floor"]:
+                log("scale: Consul's own floor")
+                res["consul_floor"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
             for backend, n, interval, idle_s in cfg["scale_rows"]:
                 res["rows"].append(self.scale_row(servers, backend, n, interval, idle_s or cfg["scale_idle_s"]))
-            # Again at the end, on a Consul that has had 4,000 services come and go.
-            log("scale: Consul's own floor, again")
-            res["consul_floor_after"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
+            if cfg["scale_floor"]:
+                # Again at the end, on a Consul that has had 4,000 services come and go.
+                log("scale: Consul's own floor, again")
+                res["consul_floor_after"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
         finally:
             for hs in servers:
                 hs.stop()
@@ -766,6 +768,9 @@ def main() -> int:
     ap.add_argument("--flips", type=int, help="flip cycles (NOT_SERVING then SERVING) against Consul and etcd")
     ap.add_argument("--services", help="comma-separated service counts for the footprint (default 10,100,1000; quick 10,100)")
     ap.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
+    ap.add_argument("--scale-rows", help="comma-separated subset of the scale phase's rows as BACKEND:N:INTERVAL "
+                    "(e.g. consul:1:1s,consul:1000:1s); default all six")
+    ap.add_argument("--no-floor", action="store_true", help="scale phase: skip Consul's own floor (quicker, for one row)")
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--keep", action="store_true", help="keep the temporary work folder (configs, logs)")
     ap.add_argument("--command", help="the command line to record in the report")
@@ -777,6 +782,13 @@ def main() -> int:
         cfg["ns"] = [int(x) for x in args.services.split(",")]
         cfg["cost_ns"] = [n for n in cfg["ns"] if n >= 100]
         cfg["etcd_ns"] = [n for n in cfg["ns"] if n >= 100]
+    if args.scale_rows:
+        want = args.scale_rows.split(",")
+        known = {f"{b}:{n}:{i}": (b, n, i, w) for b, n, i, w in SCALE_ROWS}
+        if set(want) - set(known):
+            ap.error(f"unknown scale rows: {', '.join(sorted(set(want) - set(known)))} (known: {', '.join(known)})")
+        cfg["scale_rows"] = [known[r] for r in want]
+    cfg["scale_floor"] = not args.no_floor
     unknown = set(args.phases.split(",")) - set(PHASES) if args.phases else set()
     if unknown:
         ap.error(f"unknown phases: {', '.join(sorted(unknown))} (known: {', '.join(PHASES)})")

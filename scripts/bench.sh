@@ -43,8 +43,12 @@ case "$target" in /*) ;; *) target="$root/$target" ;; esac
 [ -n "$out" ] || out="$target/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 
 bash scripts/install-deps.sh
-echo "== building tether and the example health server (release, CARGO_TARGET_DIR=$target)" >&2
-CARGO_TARGET_DIR="$target" cargo build --release --quiet --bin tether --example health_server
+echo "== building tether (release, statically linked as scripts/package.sh ships it) and the example health server (release, CARGO_TARGET_DIR=$target)" >&2
+host="$(rustc -vV | sed -n 's/^host: //p')"
+host_env="$(echo "$host" | tr 'a-z-' 'A-Z_')"
+env "CARGO_TARGET_${host_env}_RUSTFLAGS=-C target-feature=+crt-static" CARGO_TARGET_DIR="$target" \
+    cargo build --release --quiet --target "$host" --bin tether
+CARGO_TARGET_DIR="$target" cargo build --release --quiet --example health_server
 echo "== building the grpc-go client (tests/go/etcdclient; GOPATH mode, Debian's grpc-go 1.33 and etcd 3.4 sources)" >&2
 GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE="$target/release/go/cache" GOFLAGS="" \
     go build -o "$target/release/go/etcdclient" ./tests/go/etcdclient
@@ -61,7 +65,7 @@ cmd="scripts/bench.sh"
 # it started in a `finally`; its children also get SIGKILL if it dies
 # (PR_SET_PDEATHSIG). Nothing else runs in this script from here on.
 exec python3 bench/run.py \
-    --tether "$target/release/tether" \
+    --tether "$target/$host/release/tether" \
     --health-server "$target/release/examples/health_server" \
     --go-client "$target/release/go/etcdclient" \
     --tools "$root/.tools/bin" \
