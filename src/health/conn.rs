@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -34,6 +34,8 @@ use tonic_health::pb::HealthCheckRequest;
 /// Services per connection before another connection to the same target is
 /// opened (servers commonly allow 100–200 concurrent streams).
 pub const STREAMS_PER_CONNECTION: usize = 100;
+/// How often a connection without Watch users looks whether it was dropped.
+const UNWATCHED_RECHECK: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
@@ -66,6 +68,9 @@ struct Conn {
     interval_ms: AtomicU64,
     timeout_ms: AtomicU64,
     beat: watch::Sender<Beat>,
+    /// Signalled when a Watch user joins: the liveness task sleeps while the
+    /// connection has none (poll-mode services send their own Checks).
+    watch_joined: Arc<Notify>,
 }
 
 /// One service's share of a connection. Dropping it releases the share.
@@ -92,6 +97,7 @@ impl Connections {
             Some(c) => c,
             None => {
                 let rotation = key.tls.as_ref().map(Rotation::new);
+                let watch_joined = Arc::new(Notify::new());
                 let channel = endpoint(&key.target, spec.timeout, key.tls.as_ref())?.connect_lazy();
                 let conn = Arc::new(Conn {
                     key,
@@ -102,9 +108,10 @@ impl Connections {
                     interval_ms: AtomicU64::new(u64::MAX),
                     timeout_ms: AtomicU64::new(0),
                     beat: watch::Sender::new(Beat::default()),
+                    watch_joined: watch_joined.clone(),
                 });
                 conns.push(Arc::downgrade(&conn));
-                tokio::spawn(liveness(Arc::downgrade(&conn)));
+                tokio::spawn(liveness(Arc::downgrade(&conn), watch_joined));
                 conn
             }
         };
@@ -113,6 +120,7 @@ impl Connections {
             conn.watchers.fetch_add(1, Ordering::Relaxed);
             conn.interval_ms.fetch_min(spec.interval.as_millis() as u64, Ordering::Relaxed);
             conn.timeout_ms.fetch_max(spec.timeout.as_millis() as u64, Ordering::Relaxed);
+            conn.watch_joined.notify_one();
         }
         Ok(Lease { conn, watch })
     }
@@ -157,10 +165,20 @@ impl Drop for Lease {
     }
 }
 
-/// A connection's liveness task: ends when the connection is dropped.
-async fn liveness(conn: Weak<Conn>) {
+/// A connection's liveness task: ends when the connection is dropped. While
+/// the connection has no Watch user it sleeps until one joins (or
+/// [`UNWATCHED_RECHECK`] passes, to notice a dropped connection), so a
+/// poll-only connection costs no extra wake-ups.
+async fn liveness(conn: Weak<Conn>, watch_joined: Arc<Notify>) {
     loop {
         let Some((interval, _)) = settings(&conn) else { return };
+        if conn.upgrade().is_none_or(|c| c.watchers.load(Ordering::Relaxed) == 0) {
+            tokio::select! {
+                _ = watch_joined.notified() => {}
+                _ = tokio::time::sleep(UNWATCHED_RECHECK) => {}
+            }
+            continue;
+        }
         tokio::time::sleep(interval).await;
         let Some(c) = conn.upgrade() else { return };
         if c.watchers.load(Ordering::Relaxed) == 0 {
