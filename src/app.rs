@@ -17,6 +17,7 @@ use crate::telemetry::{http, systemd, Telemetry};
 use crate::{control, identity};
 use anyhow::Context;
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +47,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .await
             .with_context(|| format!("{}: cannot listen on {addr} (listen)", config.path.display()))?;
     }
-    let pipeline = Pipeline { config: &config, reload, sighup, shutdown, telemetry };
+    let drains = _lock.path.with_extension("drained");
+    let pipeline = Pipeline { config: &config, reload, sighup, shutdown, telemetry, drains };
     match &config.backend {
         BackendConfig::Consul(c) => {
             let token_file = c.token_file.clone().or_else(|| agent::credential_path("consul.token"));
@@ -67,6 +69,8 @@ struct Pipeline<'a> {
     sighup: Arc<AtomicBool>,
     shutdown: CancellationToken,
     telemetry: Arc<Telemetry>,
+    /// Where the identity's drains are kept (beside its lock).
+    drains: PathBuf,
 }
 
 impl Pipeline<'_> {
@@ -87,7 +91,7 @@ impl Pipeline<'_> {
         })?;
         let reconciler = Reconciler::new(registry, &config.node, config.deregister_on_shutdown, self.telemetry.clone())
             .map_err(|e| anyhow::anyhow!("{}: cannot set up the registry connection: {e}", config.path.display()))?
-            .with_control(control_rx)
+            .with_control(control_rx, control::DrainFile::load(self.drains))
             .with_anti_entropy_every(config.anti_entropy_every);
         let (desired_tx, desired_rx) = mpsc::channel(4);
         let reconcile_token = self.shutdown.child_token();

@@ -5,8 +5,13 @@
 //! `tether@<instance>.sock`), mode 0660: only the agent's user and group may
 //! change what the registry says. Read-only status stays on the loopback HTTP
 //! listener. One JSON request line, one JSON response line per connection.
+//!
+//! Drains are kept in a file beside the identity lock ([`DrainFile`]), so a
+//! drained service stays drained across a restart of tether (a crash, an
+//! upgrade), though not across a reboot: the runtime directory is a tmpfs.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -115,4 +120,71 @@ pub fn request(socket: &Path, request: &Request) -> Result<Response, String> {
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(|e| format!("{}: {e}", socket.display()))?;
     serde_json::from_str(&answer).map_err(|e| format!("{}: bad answer {answer:?}: {e}", socket.display()))
+}
+
+/// The drained service ids of one identity, in `<runtime_dir>/<identity>.drained`
+/// (a JSON array). The reconciler is its only user: it reads it once at start
+/// and rewrites it (a few bytes on a tmpfs, written to a temporary file and
+/// renamed) when a drain changes or a drained service's file goes.
+#[derive(Debug)]
+pub struct DrainFile {
+    path: PathBuf,
+    ids: BTreeSet<String>,
+}
+
+impl DrainFile {
+    /// Read the drains left by an earlier run of this identity. A missing file
+    /// means none; an unreadable one is reported and treated as none.
+    pub fn load(path: PathBuf) -> Self {
+        let ids = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the kept drains; starting with none drained");
+                BTreeSet::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the kept drains; starting with none drained");
+                BTreeSet::new()
+            }
+        };
+        DrainFile { path, ids }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// Record `id` as drained or not; rewrites the file when that changes. A
+    /// failed write is logged: the drain still holds until tether restarts.
+    pub fn set(&mut self, id: &str, drained: bool) {
+        let changed = if drained { self.ids.insert(id.to_string()) } else { self.ids.remove(id) };
+        if !changed {
+            return;
+        }
+        let tmp = self.path.with_extension("drained.tmp");
+        let json = serde_json::to_vec(&self.ids).expect("a set of strings serializes");
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &self.path)) {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot keep the drains on disk; they hold until tether restarts");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DrainFile;
+
+    #[test]
+    fn drains_survive_a_reload_of_the_file_and_garbage_means_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.drained");
+        let mut d = DrainFile::load(path.clone());
+        assert!(!d.contains("a"), "no file: nothing drained");
+        d.set("a", true);
+        d.set("b", true);
+        d.set("b", false);
+        let d = DrainFile::load(path.clone());
+        assert!(d.contains("a") && !d.contains("b"));
+        std::fs::write(&path, "not json").unwrap();
+        assert!(!DrainFile::load(path).contains("a"), "an unreadable file: nothing drained");
+    }
 }

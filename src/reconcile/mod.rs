@@ -146,6 +146,8 @@ pub struct Reconciler<R: Registry> {
     health_rx: mpsc::Receiver<HealthChange>,
     probes: TaskTracker,
     connections: Connections,
+    /// Drains kept across restarts (with the control socket).
+    drains: Option<control::DrainFile>,
     /// Requests from the control socket (drain, undrain).
     control: Option<mpsc::Receiver<control::Command>>,
     anti_entropy_every: Duration,
@@ -204,6 +206,7 @@ impl<R: Registry> Reconciler<R> {
             connections: Connections::new(),
             probing: true,
             control: None,
+            drains: None,
             anti_entropy_every: ANTI_ENTROPY_EVERY,
             telemetry,
             watchdog_every: systemd::watchdog_every(),
@@ -211,9 +214,12 @@ impl<R: Registry> Reconciler<R> {
         })
     }
 
-    /// Take drain and undrain requests from the control socket.
-    pub fn with_control(mut self, commands: mpsc::Receiver<control::Command>) -> Self {
+    /// Take drain and undrain requests from the control socket, and keep
+    /// drains in `drains` (drains left there by an earlier run apply to the
+    /// services as they come).
+    pub fn with_control(mut self, commands: mpsc::Receiver<control::Command>, drains: control::DrainFile) -> Self {
         self.control = Some(commands);
+        self.drains = Some(drains);
         self
     }
 
@@ -333,6 +339,9 @@ impl<R: Registry> Reconciler<R> {
             entry.probe.cancel();
             self.telemetry.metrics.forget(&id);
             self.telemetry.set_service(&id, None);
+            if let Some(d) = self.drains.as_mut() {
+                d.set(&id, false);
+            }
             tracing::info!(service = %id, file = %entry.spec.file.display(), "service file removed");
             // An in-flight write is followed up when it finishes; while stale,
             // the next anti-entropy removes it as an orphan.
@@ -370,6 +379,11 @@ impl<R: Registry> Reconciler<R> {
                     self.timers.push(Reverse((grace_ends, id.clone())));
                     self.undecided += 1;
                     self.undecided_until = self.undecided_until.max(grace_ends);
+                    let drained = self.drains.as_ref().is_some_and(|d| d.contains(&id));
+                    if drained {
+                        tracing::info!(service = %id, "drained (kept from before tether restarted; `tether undrain` to end it)");
+                        self.telemetry.metrics.service_drained.get_or_create(&Metrics::service(&id)).set(1);
+                    }
                     self.entries.insert(
                         id.clone(),
                         Entry {
@@ -383,7 +397,7 @@ impl<R: Registry> Reconciler<R> {
                             last_write: now,
                             last_write_at: None,
                             last_error: None,
-                            drained: false,
+                            drained,
                             generation: self.generation,
                             probe,
                         },
@@ -653,6 +667,9 @@ impl<R: Registry> Reconciler<R> {
                 let entry = self.entries.get_mut(id).expect("checked");
                 if entry.drained != on {
                     entry.drained = on;
+                    if let Some(d) = self.drains.as_mut() {
+                        d.set(id, on);
+                    }
                     tracing::info!(service = %id, "{}", if on { "drain requested" } else { "undrain requested" });
                     self.telemetry.metrics.service_drained.get_or_create(&Metrics::service(id)).set(i64::from(on));
                 }

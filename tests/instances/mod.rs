@@ -233,6 +233,47 @@ fn drain_and_undrain_on_consul_survive_a_reload() {
 }
 
 #[test]
+fn a_drain_survives_a_restart_of_tether_until_undrained() {
+    let consul = Consul::start();
+    let server = HealthServer::start(0, &[]);
+    let setup = Setup::consul(&consul, &agent(None));
+    for (file, id) in [("a.toml", "alpha"), ("b.toml", "beta")] {
+        setup.write_service(file, &format!("name = \"{id}\"\nid = \"{id}\"\nport = {}\nttl = \"3s\"\n", server.port));
+    }
+    let mut tether = setup.start();
+    wait_for(T, "alpha and beta passing", || (passing(&consul, "alpha") && passing(&consul, "beta")).then_some(()));
+    cli_ok(&tether, &["drain", "alpha", "--wait"]);
+    let maintenance = |consul: &Consul| consul.checks().contains_key("_service_maintenance:alpha");
+
+    // A crash: Consul keeps alpha in maintenance, and the next run keeps the
+    // drain instead of lifting it (the log is the new run's).
+    tether.signal(Signal::SIGKILL);
+    tether.restart();
+    tether.wait_log("anti-entropy: registry in sync", T);
+    assert!(tether.log().contains("kept from before tether restarted"), "{}", tether.log());
+    holds(Duration::from_secs(3), "alpha stays drained after a crash and restart", || maintenance(&consul));
+    assert!(passing(&consul, "beta"), "beta untouched");
+
+    // A clean stop deregisters both; the next run registers alpha drained.
+    tether.stop();
+    wait_for(T, "both deregistered", || {
+        (consul.service_status("alpha").is_none() && consul.service_status("beta").is_none()).then_some(())
+    });
+    tether.restart();
+    wait_for(T, "alpha back, in maintenance", || maintenance(&consul).then_some(()));
+    wait_for(T, "beta passing again", || passing(&consul, "beta").then_some(()));
+    holds(Duration::from_secs(2), "alpha stays drained", || maintenance(&consul));
+
+    // An undrain ends it for good: the next restart does not bring it back.
+    cli_ok(&tether, &["undrain", "alpha", "--wait"]);
+    tether.signal(Signal::SIGKILL);
+    tether.restart();
+    tether.wait_log("anti-entropy: registry in sync", T);
+    assert!(!tether.log().contains("kept from before"), "{}", tether.log());
+    holds(Duration::from_secs(2), "alpha stays in the healthy set", || passing(&consul, "alpha") && !maintenance(&consul));
+}
+
+#[test]
 fn drain_and_undrain_on_etcd() {
     let etcd = Etcd::start(1);
     let server = HealthServer::start(0, &[]);
