@@ -10,9 +10,11 @@ import threading
 import time
 import urllib.parse
 
-from common import Http, log, wait_until
+from common import CpuWindow, Http, log, wait_until
 
 SERVERS, PER_SERVER = 10, 100
+# Consul's idle window with the floor's registrations: two of its ~60 s full syncs.
+FLOOR_IDLE_S = 120
 
 
 def median(xs: list[float]) -> float | None:
@@ -131,6 +133,12 @@ def consul_floor(consul, n: int, updates: int, reps: int) -> dict:
         wait_until(lambda: consul_all_passing(consul, "floor", n), 120, 0.1, f"floor: {n} passing")
         t_all = time.monotonic() - t0
         log(f"floor: {n} registrations PUT in {t_put:.2f} s, all passing in the catalog after {t_all:.2f} s")
+        # Consul with these n registrations and nothing else running: its own
+        # periodic cost (the agent's full anti-entropy sync, about once a minute).
+        idle = CpuWindow({"consul": consul.pid}).start()
+        time.sleep(FLOOR_IDLE_S)
+        idle = idle.stop()
+        log(f"floor: Consul idle with {n} registrations, nothing else running: {idle['consul_cpu_pct']} % over {idle['seconds']} s")
         upd_put, upd_seen = [], []
         targets = ids[:updates]
         for r in range(2 * reps):
@@ -149,7 +157,7 @@ def consul_floor(consul, n: int, updates: int, reps: int) -> dict:
                 upd_seen.append(None if seen is None else round(seen - t0, 4))
             log(f"floor: {updates} check updates → {status}: PUTs {t1 - t0:.3f} s, catalog {None if seen is None else round(seen - t0, 3)} s")
         return {
-            "n": n, "register_put_s": round(t_put, 3), "register_to_all_passing_s": round(t_all, 3),
+            "n": n, "register_put_s": round(t_put, 3), "register_to_all_passing_s": round(t_all, 3), "idle": idle,
             "updates": updates, "update_put_s": upd_put, "update_to_catalog_s": upd_seen,
             "update_put_p50_s": median(upd_put), "update_to_catalog_p50_s": median([x for x in upd_seen if x is not None]),
         }  # fmt: skip
