@@ -35,7 +35,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     spawn_signals(shutdown.clone(), reload.clone(), sighup.clone())?;
     tracing::info!(config = %config.path.display(), services_dir = %config.services_dir.display(), owner = %config.owner(), backend = config.backend.kind().as_str(), "tether starting");
     // Never two owners of one identity: on this host, a lock; see `identity`.
-    let _lock = identity::lock(&config)?;
+    let lock = identity::lock(&config)?;
     let endpoint = match &config.backend {
         BackendConfig::Consul(c) => c.address.clone(),
         BackendConfig::Etcd(e) => e.endpoints.join(","),
@@ -47,7 +47,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .await
             .with_context(|| format!("{}: cannot listen on {addr} (listen)", config.path.display()))?;
     }
-    let drains = _lock.path.with_extension("drained");
+    let drains = lock.path.with_extension("drained");
     let pipeline = Pipeline { config: &config, reload, sighup, shutdown, telemetry, drains };
     match &config.backend {
         BackendConfig::Consul(c) => {

@@ -158,9 +158,22 @@ impl DrainFile {
     /// failed write is logged: the drain still holds until tether restarts.
     pub fn set(&mut self, id: &str, drained: bool) {
         let changed = if drained { self.ids.insert(id.to_string()) } else { self.ids.remove(id) };
-        if !changed {
-            return;
+        if changed {
+            self.save();
         }
+    }
+
+    /// Forget the drains of services that no longer exist (their files went
+    /// while tether was not running); rewrites the file if any went.
+    pub fn retain(&mut self, exists: impl Fn(&str) -> bool) {
+        let before = self.ids.len();
+        self.ids.retain(|id| exists(id));
+        if self.ids.len() != before {
+            self.save();
+        }
+    }
+
+    fn save(&self) {
         let tmp = self.path.with_extension("drained.tmp");
         let json = serde_json::to_vec(&self.ids).expect("a set of strings serializes");
         if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &self.path)) {
@@ -182,8 +195,12 @@ mod tests {
         d.set("a", true);
         d.set("b", true);
         d.set("b", false);
+        d.set("gone", true);
+        let mut d = DrainFile::load(path.clone());
+        assert!(d.contains("a") && !d.contains("b") && d.contains("gone"));
+        d.retain(|id| id != "gone");
         let d = DrainFile::load(path.clone());
-        assert!(d.contains("a") && !d.contains("b"));
+        assert!(d.contains("a") && !d.contains("gone"), "a service gone while tether was down loses its drain");
         std::fs::write(&path, "not json").unwrap();
         assert!(!DrainFile::load(path).contains("a"), "an unreadable file: nothing drained");
     }

@@ -236,7 +236,14 @@ impl<R: Registry> Reconciler<R> {
         tokio::select! {
             _ = shutdown.cancelled() => return self.shutdown().await,
             first = desired.recv() => match first {
-                Some(set) => self.apply_desired(set),
+                Some(set) => {
+                    // Drains kept for services whose files went while tether
+                    // was not running end with them.
+                    if let Some(d) = self.drains.as_mut() {
+                        d.retain(|id| set.contains_key(id));
+                    }
+                    self.apply_desired(set)
+                }
                 None => return self.shutdown().await,
             },
         }
