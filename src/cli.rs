@@ -153,13 +153,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, log_format, instance } => {
             init_logging(log_format);
-            let loaded = agent::load(&config).and_then(|mut c| {
-                if let Some(i) = &instance {
-                    c.set_instance(i)?;
-                }
-                Ok(c)
-            });
-            let config = match loaded {
+            let config = match agent::load_as(&config, instance.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -196,13 +190,7 @@ fn drain(t: DrainTarget, on: bool) -> ExitCode {
         Some(i) => std::path::Path::new("/etc/tether").join(i).join("tether.toml"),
         None => PathBuf::from(agent::DEFAULT_PATH),
     });
-    let config = agent::load(&path).and_then(|mut c| {
-        if let Some(i) = &t.instance {
-            c.set_instance(i)?;
-        }
-        Ok(c)
-    });
-    let config = match config {
+    let config = match agent::load_as(&path, t.instance.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tether: {e}");

@@ -124,12 +124,15 @@ pub fn request(socket: &Path, request: &Request) -> Result<Response, String> {
 
 /// The drained service ids of one identity, in `<runtime_dir>/<identity>.drained`
 /// (a JSON array). The reconciler is its only user: it reads it once at start
-/// and rewrites it (a few bytes on a tmpfs, written to a temporary file and
-/// renamed) when a drain changes or a drained service's file goes.
+/// and, after a request or a new set of services changed it, rewrites it once
+/// ([`DrainFile::save`]: a few bytes on a tmpfs, written to a temporary file
+/// and renamed).
 #[derive(Debug)]
 pub struct DrainFile {
     path: PathBuf,
     ids: BTreeSet<String>,
+    /// Changed since the last save.
+    dirty: bool,
 }
 
 impl DrainFile {
@@ -137,43 +140,39 @@ impl DrainFile {
     /// means none; an unreadable one is reported and treated as none.
     pub fn load(path: PathBuf) -> Self {
         let ids = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(file = %path.display(), error = %e, "cannot read the kept drains; starting with none drained");
-                BTreeSet::new()
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot read the kept drains; starting with none drained");
-                BTreeSet::new()
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+            read => read.map_err(|e| e.to_string()).and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string())),
         };
-        DrainFile { path, ids }
+        let ids = ids.unwrap_or_else(|error| {
+            tracing::warn!(file = %path.display(), %error, "cannot read the kept drains; starting with none drained");
+            BTreeSet::new()
+        });
+        DrainFile { path, ids, dirty: false }
     }
 
     pub fn contains(&self, id: &str) -> bool {
         self.ids.contains(id)
     }
 
-    /// Record `id` as drained or not; rewrites the file when that changes. A
-    /// failed write is logged: the drain still holds until tether restarts.
+    /// Record `id` as drained or not (kept by the next [`DrainFile::save`]).
     pub fn set(&mut self, id: &str, drained: bool) {
-        let changed = if drained { self.ids.insert(id.to_string()) } else { self.ids.remove(id) };
-        if changed {
-            self.save();
-        }
+        self.dirty |= if drained { self.ids.insert(id.to_string()) } else { self.ids.remove(id) };
     }
 
     /// Forget the drains of services that no longer exist (their files went
-    /// while tether was not running); rewrites the file if any went.
+    /// while tether was not running).
     pub fn retain(&mut self, exists: impl Fn(&str) -> bool) {
         let before = self.ids.len();
         self.ids.retain(|id| exists(id));
-        if self.ids.len() != before {
-            self.save();
-        }
+        self.dirty |= self.ids.len() != before;
     }
 
-    fn save(&self) {
+    /// Rewrite the file if anything changed since the last save. A failed
+    /// write is logged: the drains still hold until tether restarts.
+    pub fn save(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
         let tmp = self.path.with_extension("drained.tmp");
         let json = serde_json::to_vec(&self.ids).expect("a set of strings serializes");
         if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &self.path)) {
@@ -196,9 +195,11 @@ mod tests {
         d.set("b", true);
         d.set("b", false);
         d.set("gone", true);
+        d.save();
         let mut d = DrainFile::load(path.clone());
         assert!(d.contains("a") && !d.contains("b") && d.contains("gone"));
         d.retain(|id| id != "gone");
+        d.save();
         let d = DrainFile::load(path.clone());
         assert!(d.contains("a") && !d.contains("gone"), "a service gone while tether was down loses its drain");
         std::fs::write(&path, "not json").unwrap();

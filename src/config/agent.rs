@@ -221,6 +221,15 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
     parse(path, &text)
 }
 
+/// [`load`], with `--instance` (when given) winning over the file's.
+pub fn load_as(path: &Path, instance: Option<&str>) -> Result<AgentConfig, ConfigError> {
+    let mut config = load(path)?;
+    if let Some(i) = instance {
+        config.set_instance(i)?;
+    }
+    Ok(config)
+}
+
 pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
     let raw: RawAgent = toml::from_str(text).map_err(|e| from_toml(path, text, &e))?;
     let err = |span, msg: String, hint: &str| ConfigError::new(path, msg, hint).at(text, Some(span));

@@ -242,7 +242,7 @@ impl<R: Registry> Reconciler<R> {
                     if let Some(d) = self.drains.as_mut() {
                         d.retain(|id| set.contains_key(id));
                     }
-                    self.apply_desired(set)
+                    self.apply_desired(set);
                 }
                 None => return self.shutdown().await,
             },
@@ -421,6 +421,9 @@ impl<R: Registry> Reconciler<R> {
         for id in touched {
             self.sync(&id, true);
             self.publish(&id);
+        }
+        if let Some(d) = self.drains.as_mut() {
+            d.save();
         }
     }
 
@@ -682,6 +685,10 @@ impl<R: Registry> Reconciler<R> {
                 }
                 self.sync(id, true);
                 self.publish(id);
+            }
+            // One rewrite per request, however many services it drained.
+            if let Some(d) = self.drains.as_mut() {
+                d.save();
             }
         }
         let services = targets
