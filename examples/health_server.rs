@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::health_reporter;
@@ -44,7 +45,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         reporter.set_service_status(s, ServingStatus::Serving).await;
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // TCP_NODELAY, as grpc-go and `Server::serve` set it: without it a Watch
+    // update written while an earlier answer's segment is still unacknowledged
+    // waits for the peer's delayed ACK (Nagle's algorithm), up to 40 ms.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let health: Option<HealthServer<_>> = (!no_health).then_some(health_service);
     let mut builder = Server::builder();
     if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
