@@ -401,7 +401,7 @@ def scale_section(res: dict, sc: dict) -> str:
         f"\nOne tether per row, watch mode, service files `[check] service = \"sc-K-I\"`, ttl 15 s; 100 names per `health_server`. "
         "Start → all passing: from starting tether until every service is passing in Consul's catalog (both checks; polled every 0.2 s, "
         "0.05 s for ≤ 100 services) / all N keys exist in etcd (polled every 0.05 s). Idle: a window of "
-        f"{f(sc.get('idle_s'), 0)} s (60 s for one service; since run 7, 120 s for Consul at 1,000 services, which holds two of its own once-a-minute full syncs) starting 3 s after that; CPU = (utime+stime) delta of /proc/PID/stat, "
+        f"{f(sc.get('idle_s'), 0)} s (60 s for one service; since run 7, 120 s for Consul at 1,000 services, which holds two of its alias checks' once-a-minute refreshes; since run 8, each Consul row on a new agent) starting 3 s after that; CPU = (utime+stime) delta of /proc/PID/stat, "
         "% of one core (10 ms ticks), and in parentheses the same from the threads' schedstat (ns); RSS = VmRSS at the window's end, peak = VmHWM. Flip of 100: one server with 100 names set NOT_SERVING, "
         "time until all 100 `tether:` checks are critical in the catalog (blocking queries on `/v1/health/state/critical`) / all 100 keys "
         f"deleted (etcd watch), p50 of {sc.get('flip_reps')} reps (each rep in parentheses, ms); back = SERVING again until none critical / all keys back. "

@@ -35,9 +35,10 @@ import report  # noqa: E402
 # Scale phase rows: (backend, services, interval, idle window in s or None for
 # the default). One service gets a 60 s window: at 10 ms clock ticks, 30 s
 # would resolve only 0.033 % steps against a 0.05 % target. Consul at 1,000
-# services gets 120 s: the agent runs a full anti-entropy sync of its local
-# state about once a minute, about 3.5 s of CPU at 1,000 services whoever
-# registered them, so a 30 s window holds one burst or none.
+# services gets 120 s: each alias check (one per service) re-reads all the
+# agent's checks once a minute, and those of services registered together fire
+# together, about 3 s of CPU at 1,000 services in one burst (bench/alias_cost.py),
+# so a 30 s window holds one burst or none.
 SCALE_ROWS = [
     ("consul", 1, "1s", 60), ("consul", 100, "1s", None),
     ("consul", 1000, "1s", 120), ("consul", 1000, "5s", 120),
@@ -494,6 +495,19 @@ class Bench:
         }
         log("rotation:", json.dumps({k: v for k, v in self.results["rotation_etcd"].items() if k != "raw_ms"}))
 
+    def fresh_consul(self) -> None:
+        """Replace the Consul agent with a new one. Consul before the fix of
+        hashicorp/consul#14935 (1.8.7 included) never stops the alias check of
+        a service it deregisters: each keeps copying all the agent's checks
+        once a minute until the agent restarts. An agent that has seen
+        thousands of tether's services come and go (the earlier phases and
+        rows) costs several times the CPU of a new one at idle, whoever is
+        registered now (bench/alias_cost.py), so rows that measure Consul's
+        CPU start from a new agent. Needs the catalog observer stopped."""
+        assert self.obs is None, "the catalog observer watches the old agent"
+        Procs.stop(self.consul.proc)
+        self.consul = Consul(self.procs, os.path.join(self.args.tools, "consul"), self.work)
+
     def phase_footprint(self) -> None:
         """tether with N services (one server, N health service names): RSS and
         CPU idle and while flipping, registry writes, and the registry's own
@@ -502,6 +516,9 @@ class Bench:
         if getattr(self, "hs", None) is not None:
             self.hs.stop()
             self.hs = None
+        if self.obs:  # its whole-catalog answers would load Consul at 2,000 checks
+            self.obs.stop()
+            self.obs = None
         fp, cost = [], []
         self.results["footprint"], self.results["registry_cost"] = fp, cost
         for n in self.cfg["ns"]:
@@ -511,6 +528,7 @@ class Bench:
                     fp.append(self.tether_footprint(hs, n, mode, "consul"))
                 if n in self.cfg["cost_ns"]:
                     for interval in ("1s", "10s"):
+                        self.fresh_consul()  # no alias checks leaked by the rows before
                         cost.append(self.consul_own_checks(hs, n, interval))
                 if n in self.cfg["etcd_ns"]:
                     fp.append(self.tether_footprint(hs, n, "watch", "etcd"))
@@ -597,11 +615,15 @@ class Bench:
                 servers.append(HealthServer(self.procs, self.args.health_server, 0, names, self.path(f"scale-server-{k}.log")))
             if cfg["scale_floor"]:
                 log("scale: Consul's own floor")
+                self.fresh_consul()
                 res["consul_floor"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
             for backend, n, interval, idle_s in cfg["scale_rows"]:
+                if backend == "consul":
+                    self.fresh_consul()
                 res["rows"].append(self.scale_row(servers, backend, n, interval, idle_s or cfg["scale_idle_s"]))
             if cfg["scale_floor"]:
-                # Again at the end, on a Consul that has had 4,000 services come and go.
+                # Again at the end, on the agent of the last Consul row, which has
+                # seen that row's 1,000 services and their alias checks go (leaked).
                 log("scale: Consul's own floor, again")
                 res["consul_floor_after"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
         finally:

@@ -13,7 +13,8 @@ import urllib.parse
 from common import CpuWindow, Http, log, wait_until
 
 SERVERS, PER_SERVER = 10, 100
-# Consul's idle window with the floor's registrations: two of its ~60 s full syncs.
+# Consul's idle window with the floor's registrations: two of its alias checks'
+# once-a-minute refreshes (bench/alias_cost.py).
 FLOOR_IDLE_S = 120
 
 
@@ -134,7 +135,7 @@ def consul_floor(consul, n: int, updates: int, reps: int) -> dict:
         t_all = time.monotonic() - t0
         log(f"floor: {n} registrations PUT in {t_put:.2f} s, all passing in the catalog after {t_all:.2f} s")
         # Consul with these n registrations and nothing else running: its own
-        # periodic cost (the agent's full anti-entropy sync, about once a minute).
+        # periodic cost (each alias check re-reads all checks once a minute).
         idle = CpuWindow({"consul": consul.pid}).start()
         time.sleep(FLOOR_IDLE_S)
         idle = idle.stop()

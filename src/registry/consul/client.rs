@@ -222,6 +222,22 @@ impl ConsulClient {
         self.get_json("/v1/agent/checks", "listing checks").await
     }
 
+    /// The agent's version, from `GET /v1/agent/self` (`Config.Version`).
+    pub async fn version(&self) -> Result<String, ConsulError> {
+        #[derive(serde::Deserialize)]
+        struct SelfInfo {
+            #[serde(rename = "Config")]
+            config: SelfConfig,
+        }
+        #[derive(serde::Deserialize)]
+        struct SelfConfig {
+            #[serde(rename = "Version")]
+            version: String,
+        }
+        let info: SelfInfo = self.get_json("/v1/agent/self", "reading the agent's version").await?;
+        Ok(info.config.version)
+    }
+
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T, ConsulError> {
         let resp = self.send(what, self.request(reqwest::Method::GET, path)).await?;
         resp.json().await.map_err(|source| ConsulError::Decode { what: what.to_string(), source })

@@ -109,6 +109,30 @@ pub struct Consul {
     view: ConsulView,
     /// This run's id, in the liveness check's output.
     run: String,
+    /// The agent's version has been read (once per run, for [`alias_leak`]).
+    version_read: bool,
+}
+
+/// Whether a Consul agent of `version` leaks the alias check of every service
+/// deregistered from it: before hashicorp/consul#14935 (fixed in 1.11.11,
+/// 1.12.6, 1.13.3 and 1.14.0) the check's goroutine is never stopped and goes
+/// on re-reading all the agent's checks once a minute until the agent
+/// restarts. Every service tether removes (or Consul reaps) leaves one.
+pub fn alias_leak(version: &str) -> bool {
+    let core = version.trim_start_matches('v').split(['-', '+', ' ']).next().unwrap_or("");
+    let mut parts = core.split('.').map(|p| p.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor)), patch) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let patch = patch.flatten().unwrap_or(0);
+    match (major, minor) {
+        (0, _) => true,
+        (1, m) if m <= 10 => true,
+        (1, 11) => patch < 11,
+        (1, 12) => patch < 6,
+        (1, 13) => patch < 3,
+        _ => false,
+    }
 }
 
 /// How Consul records are compared; see [`View`].
@@ -127,7 +151,12 @@ pub struct ConsulLane {
 
 impl Consul {
     pub fn new(address: &str, tls: TlsConfig, owner: &Owner) -> std::result::Result<Self, String> {
-        Ok(Consul { conn: Conn::new(address, tls, None)?, view: ConsulView { owner: owner.clone() }, run: crate::identity::run_id() })
+        Ok(Consul {
+            conn: Conn::new(address, tls, None)?,
+            view: ConsulView { owner: owner.clone() },
+            run: crate::identity::run_id(),
+            version_read: false,
+        })
     }
 
     /// Read the ACL token from `path` now and again whenever the file changes,
@@ -360,6 +389,20 @@ impl Registry for Consul {
         let check_id = liveness_check_id(self.owner());
         let meta = self.agent_meta(agent);
         let (services, checks) = self.conn.read().await?;
+        if !self.version_read {
+            self.version_read = true;
+            match self.conn.client.version().await {
+                Ok(v) if alias_leak(&v) => tracing::warn!(
+                    consul = %self.conn.address,
+                    version = %v,
+                    "this Consul agent never stops the alias check of a deregistered service (hashicorp/consul#14935): \
+                     each service tether removes, or Consul reaps, keeps costing the agent CPU once a minute until it \
+                     restarts; upgrade it to 1.11.11, 1.12.6, 1.13.3, 1.14.0 or later, or restart it after many removals"
+                ),
+                Ok(v) => tracing::debug!(version = %v, "Consul agent version"),
+                Err(e) => tracing::debug!(error = %e, "could not read the Consul agent's version"),
+            }
+        }
         let client = &self.conn.client;
         let present = services.get(&id).is_some_and(|s| s.meta.as_ref() == Some(&meta)) && checks.contains_key(&check_id);
         if !present {
@@ -455,5 +498,23 @@ impl Registry for Consul {
             self.conn.client.update_check(&liveness_check_id(self.owner()), "passing", &output).await.map_err(err)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::alias_leak;
+
+    #[test]
+    fn consul_versions_before_the_alias_check_fix_leak() {
+        for v in ["1.8.7", "1.10.12", "1.11.10", "1.12.5", "1.13.2", "1.13.2+ent", "v1.9.0", "1.8.7-dev", "0.9.3"] {
+            assert!(alias_leak(v), "{v}");
+        }
+        for v in ["1.11.11", "1.12.6", "1.13.3", "1.14.0", "1.14", "1.21.4", "2.0.0", "1.15.0-rc1"] {
+            assert!(!alias_leak(v), "{v}");
+        }
+        for v in ["", "unknown", "1"] {
+            assert!(!alias_leak(v), "{v}: no warning on a version we cannot read");
+        }
     }
 }
