@@ -9,9 +9,11 @@
 //! Any non-SERVING message, stream end or error is a failure. A stream end or
 //! error is re-opened with capped, jittered exponential backoff. A stream that
 //! says "not serving" is kept for a short grace (a quick return to SERVING is
-//! seen at once) and then dropped and re-opened: a tonic or grpc-go server's
-//! graceful shutdown waits for open Watch streams, so holding one would stall
-//! the service's own shutdown. UNIMPLEMENTED on Watch falls back to polling
+//! seen at once) and then dropped and re-opened at once: a tonic or grpc-go
+//! server's graceful shutdown waits for open Watch streams, so holding one
+//! would stall the service's own shutdown (a server shutting down refuses the
+//! new stream). No pause before the re-open: a return to SERVING meanwhile
+//! would go unseen until it. UNIMPLEMENTED on Watch falls back to polling
 //! `Check`.
 //!
 //! Poll mode calls `Check` every `interval` with `timeout` as the deadline.
@@ -54,9 +56,6 @@ pub struct Probe {
     last: Option<Observation>,
     /// Delay before the next reconnect after failures.
     backoff: Backoff,
-    /// A one-off delay before the next reconnect (after letting go of a
-    /// not-serving stream).
-    pause: Option<Duration>,
     /// When to drop a stream that keeps saying the service is not serving.
     drop_at: Option<Instant>,
     /// When the current Watch was opened, until its first message.
@@ -79,7 +78,6 @@ impl Probe {
             stream: None,
             last: None,
             backoff: Backoff::new(BACKOFF_START, spec.interval.max(BACKOFF_START)),
-            pause: None,
             drop_at: None,
             opened: None,
             next_tick: Instant::now(),
@@ -123,7 +121,7 @@ impl Probe {
     async fn next_watch(&mut self) -> Observation {
         loop {
             if self.stream.is_none() {
-                if let Some(delay) = self.pause.take().or(self.backoff.current()) {
+                if let Some(delay) = self.backoff.current() {
                     sleep(jitter(delay)).await;
                 }
                 self.refresh_tls();
@@ -174,10 +172,9 @@ impl Probe {
                 },
                 _ = tokio::time::sleep_until(drop_at.unwrap_or_else(far_future)), if drop_at.is_some() => {
                     // Still not serving: let go of the stream (a server in graceful
-                    // shutdown waits for it) and look again shortly.
+                    // shutdown waits for it) and look again at once.
                     self.stream = None;
                     self.drop_at = None;
-                    self.pause = Some(NOT_SERVING_GRACE / 10);
                     continue;
                 }
                 changed = self.beats.changed() => {
