@@ -3,13 +3,14 @@
 carries, on a new dev agent per shape (ARCHITECTURE.md, "What the alias checks
 cost Consul"). Talks to Consul directly; no tether. Python 3.11 stdlib only.
 
-    python3 bench/alias_cost.py [--services 1000] [--seconds 150] [--shapes ttl+alias,ttl,alias,none]
+    python3 bench/alias_cost.py [--services 1000] [--seconds 120] [--shapes ttl+alias,ttl,alias,none]
     python3 bench/alias_cost.py --shapes ttl+alias --churn 2   # after 2 x 1,000 services came and went
 
 Shapes: `ttl+alias` is tether's (a TTL health check and an alias of one
 liveness service), `ttl` a TTL check only, `alias` an alias check only, `none`
 no check. A liveness heartbeat (output only) goes every 5 s, as tether's does.
-`--churn K` first registers and deregisters K rounds of 1,000 services of
+The idle window should be whole minutes: the alias checks' cost comes in one
+burst a minute. `--churn K` first registers and deregisters K rounds of 1,000 services of
 tether's shape: Consul before the fix of hashicorp/consul#14935 never stops a
 deregistered alias check, so those go on costing CPU.
 """
@@ -81,7 +82,7 @@ def measure(shape: str, n: int, seconds: float, churn: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--services", type=int, default=1000)
-    ap.add_argument("--seconds", type=float, default=150)
+    ap.add_argument("--seconds", type=float, default=120, help="idle window; whole minutes (see above)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--churn", type=int, default=0)
     args = ap.parse_args()
