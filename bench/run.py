@@ -367,6 +367,18 @@ class Bench:
             self.tether = None
         self.consul.deregister("c-orders")
 
+    def end_latency_setup(self) -> None:
+        """Before the load phases (footprint, scale): stop the detection setup,
+        its server and the catalog observer, whose whole-catalog answers would
+        load Consul at 2,000 checks."""
+        self.stop_detection_setup()
+        if getattr(self, "hs", None) is not None:
+            self.hs.stop()
+            self.hs = None
+        if self.obs:
+            self.obs.stop()
+            self.obs = None
+
     def phase_etcd(self) -> None:
         """The same flips and kills with tether (watch mode) on etcd: time
         until the key is gone / back, seen by a watch."""
@@ -512,13 +524,7 @@ class Bench:
         """tether with N services (one server, N health service names): RSS and
         CPU idle and while flipping, registry writes, and the registry's own
         CPU beside Consul running the same checks itself."""
-        self.stop_detection_setup()
-        if getattr(self, "hs", None) is not None:
-            self.hs.stop()
-            self.hs = None
-        if self.obs:  # its whole-catalog answers would load Consul at 2,000 checks
-            self.obs.stop()
-            self.obs = None
+        self.end_latency_setup()
         fp, cost = [], []
         self.results["footprint"], self.results["registry_cost"] = fp, cost
         for n in self.cfg["ns"]:
@@ -598,13 +604,7 @@ class Bench:
         Consul's own floor for the same writes; one tether per row (1, 100 and
         1,000 services; interval 1 s and 5 s; Consul and etcd): start → all
         passing, idle CPU and RSS, liveness, and a 100-service flip."""
-        self.stop_detection_setup()
-        if getattr(self, "hs", None) is not None:
-            self.hs.stop()
-            self.hs = None
-        if self.obs:  # its whole-catalog answers would load Consul at 2,000 checks
-            self.obs.stop()
-            self.obs = None
+        self.end_latency_setup()
         cfg = self.cfg
         res: dict = {"idle_s": cfg["scale_idle_s"], "flip_reps": cfg["scale_flip_reps"], "rows": []}
         self.results["scale"] = res
