@@ -17,7 +17,7 @@
 #
 # Builds tether and the example health server in release mode with
 # CARGO_TARGET_DIR (default target/), and the grpc-go client of tests/go. A
-# full run takes about 20 minutes on a 2-core machine (the scale phase about 6
+# full run takes about 26 minutes on a 2-core machine (the scale phase about 13
 # of them). Every process it starts is stopped at the end, also on error or
 # Ctrl-C (run.py: try/finally, PR_SET_PDEATHSIG).
 set -euo pipefail
