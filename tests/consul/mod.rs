@@ -32,10 +32,14 @@ fn registers_fields_and_follows_health_in_watch_mode() {
     assert_eq!(svc["Port"], server.port);
     assert_eq!(svc["Tags"], serde_json::json!(["grpc", "v1"]));
     assert_eq!(svc["Meta"], serde_json::json!({"version": "1.2.3", "managed-by": "tether", "tether-node": "node-a"}));
-    // One write per new service: Consul 1.8 takes a status but no output at
-    // registration, and tether sends no second write just for the text.
-    assert_eq!(consul.check("tether:orders-1").unwrap().1, "", "registered passing in one write");
-    assert_eq!(consul.service_status("orders-1").as_deref(), Some("passing"), "alias check passing too");
+    // One write per new service, and while it passes one check: the alias of
+    // tether's liveness, whose notes describe the gRPC check.
+    let checks = consul.checks();
+    let mine: Vec<&str> = checks.values().filter(|c| c["ServiceID"] == "orders-1").filter_map(|c| c["CheckID"].as_str()).collect();
+    assert_eq!(mine, ["tether-alive:orders-1"], "only the alias check while passing");
+    let notes = checks["tether-alive:orders-1"]["Notes"].as_str().unwrap();
+    assert!(notes.contains("orders.v1.Orders") && notes.contains("watch"), "{notes}");
+    assert_eq!(consul.service_status("orders-1").as_deref(), Some("passing"));
     assert!(consul.services().contains_key("tether-node-a"), "tether's own liveness service");
     // The Consul of the tests (1.8.7) leaks deregistered alias checks: one warning says so.
     let log = tether.log();
@@ -46,7 +50,7 @@ fn registers_fields_and_follows_health_in_watch_mode() {
         server.set("not_serving");
         let took = consul.wait_health("orders-1", "critical", T);
         eprintln!("watch: NOT_SERVING -> critical in {took:?}");
-        assert_eq!(consul.check("tether:orders-1").unwrap().1, "NOT_SERVING");
+        assert_eq!(consul.health("orders-1").unwrap().1, "NOT_SERVING");
         server.set("serving");
         let took = consul.wait_health("orders-1", "passing", T);
         eprintln!("watch: SERVING -> passing in {took:?}");
@@ -93,7 +97,7 @@ fn killed_frozen_and_gracefully_stopped_services_go_critical() {
     server.kill();
     consul.wait_health("k", "critical", T);
     eprintln!("killed -> critical in {:?}", start.elapsed());
-    let output = consul.check("tether:k").unwrap().1;
+    let output = consul.health("k").unwrap().1;
     assert!(output.contains("connection") || output.contains("stream"), "output says why: {output}");
 
     // Back on the same port: passing again after reconnect.
@@ -105,7 +109,7 @@ fn killed_frozen_and_gracefully_stopped_services_go_critical() {
     server.signal(Signal::SIGSTOP);
     consul.wait_health("k", "critical", T);
     eprintln!("frozen -> critical in {:?}", start.elapsed());
-    assert!(consul.check("tether:k").unwrap().1.contains("deadline"), "{:?}", consul.check("tether:k"));
+    assert!(consul.health("k").unwrap().1.contains("deadline"), "{:?}", consul.health("k"));
     server.signal(Signal::SIGCONT);
     consul.wait_health("k", "passing", T);
 
@@ -131,11 +135,11 @@ fn file_removed_deregisters_and_change_updates_without_blip() {
     setup.write_service("a.toml", &service("alpha", server.port, "id = \"alpha\"\ntags = [\"one\", \"two\"]\nmeta = { v = \"2\" }"));
     wait_for(T, "tags to update", || {
         let s = consul.services().get("alpha").cloned()?;
-        assert_eq!(consul.check("tether:alpha").map(|c| c.0).as_deref(), Some("passing"), "no critical blip on change");
+        assert_eq!(consul.health("alpha").map(|c| c.0).as_deref(), Some("passing"), "no critical blip on change");
         (s["Tags"] == serde_json::json!(["one", "two"]) && s["Meta"]["v"] == "2").then_some(())
     });
     for _ in 0..20 {
-        assert_eq!(consul.check("tether:alpha").map(|c| c.0).as_deref(), Some("passing"), "no critical blip on change");
+        assert_eq!(consul.health("alpha").map(|c| c.0).as_deref(), Some("passing"), "no critical blip on change");
     }
 
     std::fs::remove_file(&path).unwrap();
@@ -161,7 +165,7 @@ fn bad_file_reports_error_and_keeps_last_good() {
     tether.wait_log("new.toml:1:8: name \"\" is empty", T);
     setup.write_service("dup.toml", &service("alpha", server.port, "id = \"alpha\""));
     tether.wait_log("duplicate service id \"alpha\"", T);
-    assert_eq!(consul.check("tether:alpha").unwrap().0, "passing", "last good version keeps running");
+    assert_eq!(consul.health("alpha").unwrap().0, "passing", "last good version keeps running");
     assert_eq!(consul.services()["alpha"]["Tags"], serde_json::json!(["v1"]));
     assert_eq!(consul.services().len(), 2, "alpha and tether's own service only: {:?}", consul.services().keys());
 
@@ -211,7 +215,7 @@ fn restart_makes_no_duplicate_and_no_blip() {
     // Watch for a while: never critical, never twice.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
-        assert_eq!(consul.check("tether:alpha").unwrap().0, "passing", "no critical blip on restart");
+        assert_eq!(consul.health("alpha").unwrap().0, "passing", "no critical blip on restart");
         let n = consul.services().values().filter(|s| s["Service"] == "alpha").count();
         assert_eq!(n, 1, "no duplicate");
         std::thread::sleep(Duration::from_millis(50));
@@ -263,6 +267,34 @@ fn sighup_reloads_and_anti_entropy_restores_after_consul_restart() {
 }
 
 #[test]
+fn a_service_in_the_earlier_two_check_shape_is_re_registered_with_its_alias_only() {
+    // Earlier tethers gave every service a passing TTL health check beside
+    // the alias; the alias alone is cheaper for Consul (ARCHITECTURE.md).
+    let consul = Consul::start();
+    let server = HealthServer::start(0, &[]);
+    let old = serde_json::json!({
+        "ID": "alpha", "Name": "alpha", "Port": server.port,
+        "Meta": {"managed-by": "tether", "tether-node": "node-a"},
+        "Checks": [
+            {"CheckID": "tether:alpha", "Name": "gRPC health (tether)", "TTL": "24h", "Status": "passing"},
+            {"CheckID": "tether-alive:alpha", "Name": "tether agent alive", "AliasService": "tether-node-a"},
+        ],
+    });
+    consul.put("/v1/agent/service/register", &old);
+    let setup = Setup::consul(&consul, "");
+    setup.write_service("a.toml", &service("alpha", server.port, "id = \"alpha\""));
+    let _tether = setup.start();
+    let only_alias = || {
+        let checks = consul.checks();
+        let mine: Vec<String> =
+            checks.values().filter(|c| c["ServiceID"] == "alpha").filter_map(|c| c["CheckID"].as_str().map(String::from)).collect();
+        (mine == ["tether-alive:alpha"] && Consul::passing_in(&checks, "alpha")).then_some(())
+    };
+    wait_for(T, "alpha with its alias check only, passing", only_alias);
+    assert_eq!(consul.services().keys().filter(|k| k.as_str() == "alpha").count(), 1);
+}
+
+#[test]
 fn configmap_symlink_swap_is_followed() {
     let consul = Consul::start();
     let server = HealthServer::start(0, &[]);
@@ -294,8 +326,8 @@ fn unimplemented_health_is_never_healthy() {
     setup.write_service("a.toml", &service("alpha", server.port, "id = \"alpha\"\n[check]\ninterval = \"500ms\""));
     let tether = setup.start();
     tether.wait_log("polling Check instead", T);
-    wait_for(T, "an UNIMPLEMENTED output", || consul.check("tether:alpha").filter(|c| c.1.contains("UNIMPLEMENTED")).map(|_| ()));
-    assert_eq!(consul.check("tether:alpha").unwrap().0, "critical");
+    wait_for(T, "an UNIMPLEMENTED output", || consul.health("alpha").filter(|c| c.1.contains("UNIMPLEMENTED")).map(|_| ()));
+    assert_eq!(consul.health("alpha").unwrap().0, "critical");
     assert_eq!(tether.log().matches("polling Check instead").count(), 1, "logged once");
 }
 

@@ -69,7 +69,7 @@ fn flapping_service_changes_state_no_faster_than_rise_and_fall() {
     for _ in 0..15 {
         server.set("not_serving");
         server.set("serving");
-        assert_eq!(consul.check("tether:alpha").unwrap().0, "passing", "a flap shorter than fall never turns it critical");
+        assert_eq!(consul.health("alpha").unwrap().0, "passing", "a flap shorter than fall never turns it critical");
     }
     // Held down: critical after `fall` observations.
     let start = Instant::now();
@@ -148,7 +148,7 @@ fn bad_input_of_every_kind_is_reported_and_changes_nothing() {
     // Nothing else changed: alpha still registered and passing, nothing new.
     let services = consul.services();
     assert_eq!(services.len(), 2, "{:?}", services.keys());
-    assert_eq!(consul.check("tether:alpha").unwrap().0, "passing");
+    assert_eq!(consul.health("alpha").unwrap().0, "passing");
     tether.signal(Signal::SIGHUP);
     tether.wait_log("SIGHUP", T);
     assert_eq!(count_lines(&tether.log(), "huge.toml"), 1, "each error is logged once, not at every rescan");
@@ -207,7 +207,7 @@ fn a_thousand_services_then_a_consul_restart() {
     let tether = setup.start();
     let all_passing = |c: &Consul| {
         let checks = c.checks();
-        names.iter().all(|n| checks.get(&format!("tether:{n}")).is_some_and(|v| v["Status"] == "passing"))
+        names.iter().all(|n| Consul::passing_in(&checks, n))
     };
     wait_every(Duration::from_secs(120), Duration::from_millis(500), "1,000 services passing", || all_passing(&consul).then_some(()));
     eprintln!("faults: 1,000 files -> all passing in {:?}", start.elapsed());

@@ -30,7 +30,7 @@ fn consul_ids(consul: &Consul, name: &str) -> Vec<String> {
 }
 
 fn passing(consul: &Consul, id: &str) -> bool {
-    consul.check(&format!("tether:{id}")).is_some_and(|c| c.0 == "passing") && consul.service_status(id).as_deref() == Some("passing")
+    consul.health(id).is_some_and(|c| c.0 == "passing") && consul.service_status(id).as_deref() == Some("passing")
 }
 
 /// Watch `f` hold for `window` (several anti-entropy passes at 1 s).

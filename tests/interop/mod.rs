@@ -34,14 +34,15 @@ fn revisions(etcd: &Etcd, key: &str) -> Option<(i64, i64, i64)> {
     Some((kv["create_revision"].as_i64()?, kv["mod_revision"].as_i64()?, kv["version"].as_i64()?))
 }
 
-/// Status and ModifyIndex of every tether check in Consul's catalog: any write to one moves it.
+/// Status and ModifyIndex of every check tether writes in Consul's catalog
+/// (alias checks, and health checks while not passing): any write moves one.
 fn consul_check_indexes(consul: &Consul) -> BTreeMap<String, (String, u64)> {
     let checks = consul.get("/v1/health/state/any");
     checks
         .as_array()
         .unwrap()
         .iter()
-        .filter(|c| c["CheckID"].as_str().is_some_and(|id| id.starts_with("tether:")))
+        .filter(|c| c["CheckID"].as_str().is_some_and(|id| id.starts_with("tether:") || id.starts_with("tether-alive:")))
         .map(|c| {
             (c["CheckID"].as_str().unwrap().to_string(), (c["Status"].as_str().unwrap().to_string(), c["ModifyIndex"].as_u64().unwrap()))
         })
@@ -191,8 +192,8 @@ fn go_server_flips_are_seen_in_watch_and_poll_mode() {
         server.set("serving");
         both.wait(true);
     }
-    let (status, output) = both.consul.check("tether:orders-w").unwrap();
-    assert_eq!((status.as_str(), output.as_str()), ("passing", "SERVING"));
+    let (status, output) = both.consul.health("orders-w").unwrap();
+    assert_eq!((status.as_str(), output.as_str()), ("passing", ""), "passing again: the health check is gone");
 }
 
 #[test]
@@ -210,7 +211,7 @@ fn go_server_quiet_minute_no_blip_no_too_many_pings() {
     while Instant::now() < until {
         for (key, id) in KEYS.iter().zip(IDS) {
             assert!(key_present(&both.etcd, key), "{key} blipped; logs:\n{}", both.logs());
-            assert_eq!(both.consul.check(&format!("tether:{id}")).unwrap().0, "passing", "{id} blipped; logs:\n{}", both.logs());
+            assert_eq!(both.consul.health(id).unwrap().0, "passing", "{id} blipped; logs:\n{}", both.logs());
         }
         std::thread::sleep(Duration::from_millis(250));
     }

@@ -44,7 +44,7 @@ fn systemd_notify_sequence() {
         assert!(seen.len() < 200, "never saw {want}: {seen:?}");
     };
     wait_msg("READY=1", &mut seen);
-    assert!(consul.check("tether:alpha").is_some(), "READY=1 only after the first reconcile");
+    assert!(consul.health("alpha").is_some(), "READY=1 only after the first reconcile");
     wait_msg("WATCHDOG=1", &mut seen);
     tether.signal(Signal::SIGHUP);
     wait_msg("RELOADING=1", &mut seen);

@@ -64,7 +64,7 @@ fn consul_thousand(delay: Option<Duration>) {
         if let Some(l) = checks.get(TTL_LIVENESS) {
             assert_eq!(l["Status"], "passing", "tether's liveness lapsed {:?} after start: {}", start.elapsed(), l["Output"]);
         }
-        all.iter().filter(|n| checks.get(&format!("tether:{n}")).is_some_and(|c| c["Status"] == "passing")).count()
+        all.iter().filter(|n| Consul::passing_in(&checks, n)).count()
     };
     wait_every(CONVERGE, Duration::from_millis(500), "1,000 services passing in Consul", || (look(&consul) == all.len()).then_some(()));
     eprintln!("scale: consul (delay {delay:?}): 1,000 passing {:?} after start", start.elapsed());

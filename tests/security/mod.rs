@@ -28,12 +28,12 @@ fn grpc_target_over_tls_and_mtls() {
     let _tether = setup.start();
     consul.wait_health("good", "passing", T);
     wait_for(T, "nocert and wrongca to be critical with a reason", || {
-        let a = consul.check("tether:nocert")?;
-        let b = consul.check("tether:wrongca")?;
+        let a = consul.health("nocert")?;
+        let b = consul.health("wrongca")?;
         (a.0 == "critical" && b.0 == "critical" && !b.1.contains(crate::consul_waiting())).then_some(())
     });
-    eprintln!("security: no client cert -> {:?}", consul.check("tether:nocert").unwrap().1);
-    eprintln!("security: wrong CA -> {:?}", consul.check("tether:wrongca").unwrap().1);
+    eprintln!("security: no client cert -> {:?}", consul.health("nocert").unwrap().1);
+    eprintln!("security: wrong CA -> {:?}", consul.health("wrongca").unwrap().1);
 
     // tether check speaks TLS too; a plaintext probe of a TLS server fails.
     let run = |args: &[&str]| Command::new(tether_bin()).arg("check").args(args).output().unwrap().status.code();

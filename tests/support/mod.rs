@@ -196,6 +196,24 @@ impl Consul {
         Some((c["Status"].as_str()?.to_string(), c["Output"].as_str().unwrap_or("").to_string()))
     }
 
+    /// (status, output) of a service's gRPC health as tether writes it: its
+    /// `tether:<id>` check, there only while it is not passing; else passing
+    /// (with no output) if the service is registered with its alias check.
+    pub fn health(&self, id: &str) -> Option<(String, String)> {
+        let checks = self.checks();
+        if let Some(c) = checks.get(&format!("tether:{id}")) {
+            return Some((c["Status"].as_str()?.to_string(), c["Output"].as_str().unwrap_or("").to_string()));
+        }
+        checks.contains_key(&format!("tether-alive:{id}")).then(|| ("passing".to_string(), String::new()))
+    }
+
+    /// Whether service `id` is passing in `checks` (from [`Consul::checks`]):
+    /// its alias check there and passing, no health check (added only while
+    /// it is not passing). For counting many services with one read.
+    pub fn passing_in(checks: &HashMap<String, Value>, id: &str) -> bool {
+        checks.get(&format!("tether-alive:{id}")).is_some_and(|c| c["Status"] == "passing") && !checks.contains_key(&format!("tether:{id}"))
+    }
+
     /// The aggregated status of a service: critical if any of its checks is.
     pub fn service_status(&self, id: &str) -> Option<String> {
         let checks = self.checks();
@@ -215,9 +233,7 @@ impl Consul {
 
     pub fn wait_health(&self, id: &str, status: &str, limit: Duration) -> Duration {
         let start = Instant::now();
-        wait_for(limit, &format!("{id}'s gRPC health check to be {status}"), || {
-            (self.check(&format!("tether:{id}"))?.0 == status).then_some(())
-        });
+        wait_for(limit, &format!("{id}'s gRPC health check to be {status}"), || (self.health(id)?.0 == status).then_some(()));
         start.elapsed()
     }
 

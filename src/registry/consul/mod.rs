@@ -1,15 +1,21 @@
-//! The Consul backend: services on the local agent, health as TTL checks.
+//! The Consul backend: services on the local agent, health as checks.
 //!
-//! Each service carries two checks:
-//! - `tether:<id>`: its gRPC health, a TTL check with a long TTL
-//!   ([`HEALTH_TTL`]) whose status tether sets on every change and refreshes
-//!   rarely;
-//! - `tether-alive:<id>`: an alias of tether's own service `tether-<node>`,
-//!   whose single TTL check (`tether-liveness:<node>`) tether heartbeats at
-//!   ttl/3. If tether dies, that one check expires and every alias turns
-//!   critical, by Consul's own doing; DeregisterCriticalServiceAfter on both
-//!   checks then removes the services. One heartbeat per agent instead of one
-//!   per service (see ARCHITECTURE.md for the numbers).
+//! Each service carries one check while it passes, two while it does not:
+//! - `tether-alive:<id>`, always: an alias of tether's own service
+//!   `tether-<node>`, whose single TTL check (`tether-liveness:<node>`) tether
+//!   heartbeats at ttl/3. If tether dies, that one check expires and every
+//!   alias turns critical, by Consul's own doing; DeregisterCriticalServiceAfter
+//!   then removes the services. One heartbeat per agent instead of one per
+//!   service. Its notes describe the gRPC check (and are compared, so that a
+//!   change of check settings re-registers).
+//! - `tether:<id>`, only while the gRPC health is not SERVING: a critical TTL
+//!   check with the reason as its output, added when the service turns
+//!   critical and deregistered when it passes again.
+//!
+//! Why not a health check that is always there: each alias check re-reads
+//! every check on the agent once a minute, so Consul's idle CPU grows with
+//! services × checks; a second check per service doubled it (ARCHITECTURE.md,
+//! "What the alias checks cost Consul").
 
 pub mod client;
 
@@ -24,9 +30,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-/// TTL of each service's health check. tether re-sends it after a third of this.
-/// It only needs to outlive tether's refreshes: tether dying is caught by the
-/// alias of its liveness check, not by this TTL.
+/// TTL of a service's critical health check: it is critical anyway, and
+/// tether dying is caught by the alias of its liveness check, so this TTL
+/// never decides anything. If it runs out, the output turns "TTL expired" and
+/// anti-entropy writes the reason again.
 pub const HEALTH_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const AGENT_SERVICE_NAME: &str = "tether";
 pub const META_MANAGED_BY: &str = "managed-by";
@@ -178,19 +185,19 @@ impl Consul {
             .into_values()
             .filter(|s| s.id != agent_id && self.view.owned(&s.meta))
             .map(|s| {
-                let health = checks.get(&health_check_id(&s.id));
-                let alias = checks.contains_key(&alias_check_id(&s.id));
+                // No health check = passing (it exists only while not).
+                let health = checks.get(&health_check_id(&s.id)).map_or_else(|| Health::passing(""), health_of);
+                let alias = checks.get(&alias_check_id(&s.id));
                 let fingerprint = fingerprint_of(
                     &s.service,
                     &s.address,
                     s.port,
                     s.tags.as_deref().unwrap_or(&[]),
                     s.meta.as_ref().unwrap_or(&BTreeMap::new()),
-                    health.map(|c| c.notes.as_str()),
-                    alias,
+                    alias.map(|c| c.notes.as_str()),
                 );
                 let maintenance = checks.contains_key(&maintenance_check_id(&s.id));
-                RemoteEntry { id: s.id, name: s.service, fingerprint, health: health.map(health_of), maintenance }
+                RemoteEntry { id: s.id, name: s.service, fingerprint, health: Some(health), maintenance }
             })
             .collect()
     }
@@ -206,7 +213,17 @@ impl Consul {
     }
 
     fn registration(&self, spec: &ServiceSpec, health: &Health) -> ServiceRegistration {
-        let dereg = Some(go(spec.deregister_critical_after));
+        let mut checks = vec![CheckDefinition {
+            check_id: alias_check_id(&spec.id),
+            name: "tether agent alive".into(),
+            notes: Some(ConsulView::notes(spec)),
+            alias_service: Some(agent_service_id(self.owner())),
+            deregister_critical_service_after: Some(go(spec.deregister_critical_after)),
+            ..Default::default()
+        }];
+        if health.status == Status::Critical {
+            checks.push(Self::health_check(spec));
+        }
         ServiceRegistration {
             id: spec.id.clone(),
             name: spec.name.clone(),
@@ -214,24 +231,20 @@ impl Consul {
             port: spec.port,
             tags: spec.tags.clone(),
             meta: self.view.meta(spec),
-            checks: vec![
-                CheckDefinition {
-                    check_id: health_check_id(&spec.id),
-                    name: "gRPC health (tether)".into(),
-                    notes: Some(ConsulView::notes(spec)),
-                    ttl: Some(go(HEALTH_TTL)),
-                    status: Some(health.status.as_str().into()),
-                    deregister_critical_service_after: dereg.clone(),
-                    ..Default::default()
-                },
-                CheckDefinition {
-                    check_id: alias_check_id(&spec.id),
-                    name: "tether agent alive".into(),
-                    alias_service: Some(agent_service_id(self.owner())),
-                    deregister_critical_service_after: dereg,
-                    ..Default::default()
-                },
-            ],
+            checks,
+        }
+    }
+
+    /// The check a service carries while it is not passing.
+    fn health_check(spec: &ServiceSpec) -> CheckDefinition {
+        CheckDefinition {
+            check_id: health_check_id(&spec.id),
+            name: "gRPC health (tether)".into(),
+            notes: Some(ConsulView::notes(spec)),
+            ttl: Some(go(HEALTH_TTL)),
+            status: Some(Status::Critical.as_str().into()),
+            deregister_critical_service_after: Some(go(spec.deregister_critical_after)),
+            ..Default::default()
         }
     }
 
@@ -241,14 +254,21 @@ impl Consul {
             Write::Register { spec, health } => {
                 client.register_service(&self.registration(spec, health)).await?;
                 // Consul 1.8 takes no Output at registration. A passing
-                // service is fine without one (one write per new service); a
-                // critical one gets its reason.
+                // service needs none (one write per new service); a critical
+                // one gets its reason in a second write.
                 if health.status == Status::Critical {
                     client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await?;
                 }
                 Ok(())
             }
-            Write::Health { spec, health } => client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await,
+            // The service turns critical the moment the check is added; the
+            // reason follows. A critical service with a new reason is
+            // re-added too (rare), as the write does not know what Consul holds.
+            Write::Health { spec, health } if health.status == Status::Critical => {
+                client.register_check(&spec.id, &Self::health_check(spec)).await?;
+                client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await
+            }
+            Write::Health { spec, .. } => client.deregister_check(&health_check_id(&spec.id)).await,
             Write::Deregister { id, .. } => client.deregister_service(id).await,
             Write::Maintenance { id, on } => client.maintenance(id, *on, "draining (tether drain)").await,
         }
@@ -280,7 +300,7 @@ impl ConsulView {
         meta
     }
 
-    /// Human-readable notes on the health check; also part of the fingerprint,
+    /// Human-readable notes on the service's checks; also part of the fingerprint,
     /// so that a change of check settings re-registers.
     fn notes(spec: &ServiceSpec) -> String {
         format!(
@@ -294,17 +314,8 @@ impl ConsulView {
 }
 
 /// The fields tether compares, from either side.
-fn fingerprint_of(
-    name: &str,
-    address: &str,
-    port: u16,
-    tags: &[String],
-    meta: &BTreeMap<String, String>,
-    notes: Option<&str>,
-    alias: bool,
-) -> String {
-    serde_json::json!({"name": name, "address": address, "port": port, "tags": tags, "meta": meta, "notes": notes, "alias": alias})
-        .to_string()
+fn fingerprint_of(name: &str, address: &str, port: u16, tags: &[String], meta: &BTreeMap<String, String>, notes: Option<&str>) -> String {
+    serde_json::json!({"name": name, "address": address, "port": port, "tags": tags, "meta": meta, "notes": notes}).to_string()
 }
 
 fn health_of(check: &AgentCheck) -> Health {
@@ -319,7 +330,8 @@ fn err(e: ConsulError) -> RegistryError {
             if *status == 404
                 || body.contains("does not have associated TTL")
                 || body.contains("Unknown check")
-                || body.contains("Unknown service") =>
+                || body.contains("Unknown service")
+                || body.contains("does not exist") =>
         {
             ErrorKind::Missing
         }
@@ -335,11 +347,12 @@ impl View for ConsulView {
     }
 
     fn fingerprint(&self, spec: &ServiceSpec) -> String {
-        fingerprint_of(&spec.name, &spec.address, spec.port, &spec.tags, &self.meta(spec), Some(&Self::notes(spec)), true)
+        fingerprint_of(&spec.name, &spec.address, spec.port, &spec.tags, &self.meta(spec), Some(&Self::notes(spec)))
     }
 
+    /// Nothing to refresh: a passing service has no TTL check of its own.
     fn refresh_after(&self) -> Option<Duration> {
-        Some(HEALTH_TTL / 3)
+        None
     }
 }
 
