@@ -46,11 +46,15 @@ class Consul:
         """The agent's local view: CheckID -> check."""
         return self.http.json("GET", "/v1/agent/checks")
 
+    def statuses(self) -> dict[str, str]:
+        """CheckID -> status, with tether's health of each service as `tether:<id>` (see tether_view)."""
+        return tether_view({k: c["Status"] for k, c in self.checks().items()})
+
     def count_status(self, prefix: str, status: str) -> int:
-        return sum(1 for k, c in self.checks().items() if k.startswith(prefix) and c["Status"] == status)
+        return sum(1 for k, s in self.statuses().items() if k.startswith(prefix) and s == status)
 
     def count_prefix(self, prefix: str) -> int:
-        return sum(1 for k in self.checks() if k.startswith(prefix))
+        return sum(1 for k in self.statuses() if k.startswith(prefix))
 
     # Consul's own gRPC checks ---------------------------------------------------
 
@@ -68,6 +72,18 @@ class Consul:
         self.http.request("PUT", f"/v1/agent/service/deregister/{sid}")
 
 
+def tether_view(statuses: dict[str, str]) -> dict[str, str]:
+    """CheckID -> status, plus `tether:<id>` for every service tether
+    registered: tether adds that health check only while the service is not
+    passing, so where it is absent the service's health is its alias check's
+    (`tether-alive:<id>`, passing while tether lives)."""
+    view = dict(statuses)
+    for cid, status in statuses.items():
+        if cid.startswith("tether-alive:"):
+            view.setdefault("tether:" + cid[len("tether-alive:"):], status)
+    return view
+
+
 def writes_of(counts: dict[str, int]) -> dict[str, int]:
     """The state-changing HTTP requests (PUT/POST/DELETE) among Consul's samples."""
     return {k[len("consul.http."):]: v for k, v in counts.items() if k.split(".")[2] in ("PUT", "POST", "DELETE")}
@@ -76,6 +92,7 @@ def writes_of(counts: dict[str, int]) -> dict[str, int]:
 class CatalogObserver:
     """Blocking queries on /v1/health/state/any: every change of any check in
     Consul's catalog, time-stamped (time.monotonic) when the answer arrives.
+    tether's services appear as `tether:<id>` (see tether_view).
 
     Event-driven: Consul answers a blocking query as soon as the catalog's
     check index moves, so the resolution is one loopback HTTP round trip plus
@@ -101,7 +118,7 @@ class CatalogObserver:
             raise RuntimeError(f"blocking query: HTTP {status}")
         idx = int(headers.get("x-consul-index", "0"))
         self.index = idx if idx >= self.index else 0  # an index that goes back resets
-        new = {c["CheckID"]: c["Status"] for c in json.loads(data)}
+        new = tether_view({c["CheckID"]: c["Status"] for c in json.loads(data)})
         with self.cond:
             for cid in set(new) | set(self.state):
                 old, cur = self.state.get(cid), new.get(cid)

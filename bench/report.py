@@ -368,8 +368,9 @@ def scale_section(res: dict, sc: dict) -> str:
     if fl:
         out.append(
             "Consul's own floor, measured in the same run: the benchmark itself sends the writes tether would, sequentially on one "
-            "keep-alive HTTP connection: `PUT /v1/agent/service/register?replace-existing-checks=true` with a TTL check (status passing) "
-            "and an alias check of a liveness service, then `PUT /v1/agent/check/update/<id>` (→ critical) for 100 of them "
+            "keep-alive HTTP connection: `PUT /v1/agent/service/register?replace-existing-checks=true` with an alias check of a liveness "
+            "service (tether's shape of a passing service since run 9; before, also a passing TTL check), then for 100 of them the write that "
+            "turns each critical: `PUT /v1/agent/check/register` of a critical TTL check (before run 9: `PUT /v1/agent/check/update/<id>` → critical) "
             f"({len(fl['update_put_s'])} reps; times until the catalog, `/v1/health/state/*`, shows them all).\n\n"
         )
         frows = []
@@ -380,7 +381,7 @@ def scale_section(res: dict, sc: dict) -> str:
             if x.get("idle"):
                 frows.append([f"Consul idle with those {x['n']} registrations, nothing else running ({when}): CPU % over {f(x['idle']['seconds'], 0)} s",
                               f(x["idle"].get("consul_cpu_pct"), 2), "–"])  # fmt: skip
-            frows.append([f"{x['updates']} check updates → critical, p50 ({when}; reps: {ms_list([v * 1000 for v in x['update_put_s']])} ms)",
+            frows.append([f"{x['updates']} services → critical, one write each, p50 ({when}; reps: {ms_list([v * 1000 for v in x['update_put_s']])} ms)",
                           f(x["update_put_p50_s"], 3), f(x["update_to_catalog_p50_s"], 3)])  # fmt: skip
         out.append(table(["Consul floor", "PUTs done (s)", "catalog shows all (s)"], frows))
         out.append("\nThe targets below compare against the floor measured before the rows (a fresh agent).\n")
@@ -399,12 +400,12 @@ def scale_section(res: dict, sc: dict) -> str:
         ])  # fmt: skip
     out.append(
         f"\nOne tether per row, watch mode, service files `[check] service = \"sc-K-I\"`, ttl 15 s; 100 names per `health_server`. "
-        "Start → all passing: from starting tether until every service is passing in Consul's catalog (both checks; polled every 0.2 s, "
+        "Start → all passing: from starting tether until every service is passing in Consul's catalog (all its checks; polled every 0.2 s, "
         "0.05 s for ≤ 100 services) / all N keys exist in etcd (polled every 0.05 s). Idle: a window of "
         f"{f(sc.get('idle_s'), 0)} s (60 s for one service; since run 7, 120 s for Consul at 1,000 services, which holds two of its alias checks' once-a-minute refreshes; since run 8, each Consul row on a new agent) starting 3 s after that; CPU = (utime+stime) delta of /proc/PID/stat, "
         "% of one core (10 ms ticks), and in parentheses the same from the threads' schedstat (ns); RSS = VmRSS at the window's end, peak = VmHWM. Flip of 100: one server with 100 names set NOT_SERVING, "
-        "time until all 100 `tether:` checks are critical in the catalog (blocking queries on `/v1/health/state/critical`) / all 100 keys "
-        f"deleted (etcd watch), p50 of {sc.get('flip_reps')} reps (each rep in parentheses, ms); back = SERVING again until none critical / all keys back. "
+        "time until all 100 `tether:` checks are critical in the catalog (tether adds them on the flip) (blocking queries on `/v1/health/state/critical`) / all 100 keys "
+        f"deleted (etcd watch), p50 of {sc.get('flip_reps')} reps (each rep in parentheses, ms); back = SERVING again until none critical (tether removes them) / all keys back. "
         "Liveness critical: `tether-liveness:<node>` seen in any state but passing by blocking queries on `/v1/health/checks/tether` "
         "during the row, or a `TTL expired` line for it in Consul's log.\n\n"
     )

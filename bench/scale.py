@@ -50,10 +50,12 @@ def consul_wait_count(consul, state: str, regex: str, want: int, index: int, tim
 
 
 def consul_all_passing(consul, prefix: str, n: int) -> bool:
-    """Both checks of all n services (`<prefix>:<id>` TTL and
-    `<prefix>-alive:<id>` alias) passing in the catalog."""
-    checks, _ = consul_state(consul, "passing", f"^{prefix}(-alive)?:sc-")
-    return len(checks) == 2 * n
+    """All n services passing in the catalog: the alias check of each
+    (`<prefix>-alive:<id>`) passing, and no health check (`<prefix>:<id>`,
+    there only while a service is not passing)."""
+    checks, _ = consul_state(consul, "any", f"^{prefix}(-alive)?:sc-")
+    alive = sum(1 for c in checks if c["CheckID"].startswith(f"{prefix}-alive:") and c["Status"] == "passing")
+    return alive == n and not any(c["CheckID"].startswith(f"{prefix}:") for c in checks)
 
 
 class LivenessWatch:
@@ -103,24 +105,36 @@ def consul_ttl_expired_lines(consul, check_id: str) -> int:
         return -1
 
 
+def floor_notes(sid: str, port: int) -> str:
+    return f"grpc.health.v1 watch of 127.0.0.1:{port} service {sid!r} by the benchmark"
+
+
 def floor_registration(sid: str, port: int, live: str) -> dict:
-    """The same shape as tether's registration (src/registry/consul/mod.rs):
-    a TTL health check with status, and an alias of a liveness service."""
+    """The same shape as tether's registration of a passing service
+    (src/registry/consul/mod.rs): an alias of a liveness service only."""
     return {
         "ID": sid, "Name": sid, "Address": "127.0.0.1", "Port": port, "Tags": [],
         "Meta": {"managed-by": "bench-floor", "tether-node": "floor"},
         "Checks": [
-            {"CheckID": f"floor:{sid}", "Name": "gRPC health (floor)", "Notes": f"grpc.health.v1 watch of 127.0.0.1:{port} service {sid!r} by the benchmark",
-             "TTL": "24h0m0s", "Status": "passing", "DeregisterCriticalServiceAfter": "1m0s"},
-            {"CheckID": f"floor-alive:{sid}", "Name": "agent alive (floor)", "AliasService": live, "DeregisterCriticalServiceAfter": "1m0s"},
+            {"CheckID": f"floor-alive:{sid}", "Name": "agent alive (floor)", "Notes": floor_notes(sid, port), "AliasService": live,
+             "DeregisterCriticalServiceAfter": "1m0s"},
         ],
+    }  # fmt: skip
+
+
+def floor_critical_check(sid: str, port: int) -> dict:
+    """What tether adds to a service that turns critical: a critical TTL check."""
+    return {
+        "ID": f"floor:{sid}", "Name": "gRPC health (floor)", "ServiceID": sid, "Notes": floor_notes(sid, port),
+        "TTL": "24h0m0s", "Status": "critical", "DeregisterCriticalServiceAfter": "1m0s",
     }  # fmt: skip
 
 
 def consul_floor(consul, n: int, updates: int, reps: int) -> dict:
     """Consul's own floor: n registrations PUT sequentially on one keep-alive
-    connection, then `updates` TTL check updates, timed by the PUTs and until
-    the catalog shows them."""
+    connection, then `updates` services flipped critical and back by the
+    write tether makes for it (a critical check registered, then
+    deregistered), timed by the PUTs and until the catalog shows them."""
     h = consul.http
     live = "floor-live"
     live_reg = {"ID": live, "Name": "floor-live", "Checks": [{"CheckID": "floor-liveness", "Name": "liveness", "TTL": "10m", "Status": "passing"}]}
@@ -145,18 +159,19 @@ def consul_floor(consul, n: int, updates: int, reps: int) -> dict:
         for r in range(2 * reps):
             status = "critical" if r % 2 == 0 else "passing"
             time.sleep(1.0)
-            _, index = consul_state(consul, status, "^floor:sc-f-")
-            already = len(consul_state(consul, status, "^floor:sc-f-")[0])
+            _, index = consul_state(consul, "critical", "^floor:sc-f-")
             t0 = time.monotonic()
             for sid in targets:
-                h.json("PUT", f"/v1/agent/check/update/floor:{sid}", {"Status": status, "Output": f"bench floor: {status}"})
+                if status == "critical":
+                    h.json("PUT", "/v1/agent/check/register", floor_critical_check(sid, 50000))
+                else:
+                    h.json("PUT", f"/v1/agent/check/deregister/floor:{sid}")
             t1 = time.monotonic()
-            want = already + updates if status == "critical" else n
-            seen = consul_wait_count(consul, status, "^floor:sc-f-", want, index, 60)
+            seen = consul_wait_count(consul, "critical", "^floor:sc-f-", updates if status == "critical" else 0, index, 60)
             if status == "critical":  # the flip direction the target is about
                 upd_put.append(round(t1 - t0, 4))
                 upd_seen.append(None if seen is None else round(seen - t0, 4))
-            log(f"floor: {updates} check updates → {status}: PUTs {t1 - t0:.3f} s, catalog {None if seen is None else round(seen - t0, 3)} s")
+            log(f"floor: {updates} services → {status}: PUTs {t1 - t0:.3f} s, catalog {None if seen is None else round(seen - t0, 3)} s")
         return {
             "n": n, "register_put_s": round(t_put, 3), "register_to_all_passing_s": round(t_all, 3), "idle": idle,
             "updates": updates, "update_put_s": upd_put, "update_to_catalog_s": upd_seen,
