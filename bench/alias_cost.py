@@ -6,12 +6,14 @@ cost Consul"). Talks to Consul directly; no tether. Python 3.11 stdlib only.
     python3 bench/alias_cost.py [--services 1000] [--seconds 120] [--shapes ttl+alias,ttl,alias,none]
     python3 bench/alias_cost.py --shapes ttl+alias --churn 2   # after 2 x 1,000 services came and went
 
-Shapes: `ttl+alias` is tether's (a TTL health check and an alias of one
-liveness service), `ttl` a TTL check only, `alias` an alias check only, `none`
-no check. A liveness heartbeat (output only) goes every 5 s, as tether's does.
+Shapes: `alias` is tether's for a passing service (an alias of one liveness
+service; its health check exists only while it is not passing), `ttl+alias`
+tether's earlier one (also a TTL health check, always), `ttl` a TTL check
+only, `none` no check. A liveness heartbeat (output only) goes every 5 s, as tether's does.
 The idle window should be whole minutes: the alias checks' cost comes in one
-burst a minute. `--churn K` first registers and deregisters K rounds of 1,000 services of
-tether's shape: Consul before the fix of hashicorp/consul#14935 never stops a
+burst a minute. `--churn K` first registers and deregisters K rounds of 1,000 services
+(`ttl+alias`, as in the figures already recorded; either shape leaks one alias
+check per service): Consul before the fix of hashicorp/consul#14935 never stops a
 deregistered alias check, so those go on costing CPU.
 """
 

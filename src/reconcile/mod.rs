@@ -503,7 +503,7 @@ impl<R: Registry> Reconciler<R> {
                 Some(Write::Register { spec, health })
             }
             (Desired::Present { health, .. }, Some(r)) if !same_health(&health, r.health.as_ref()) || refresh_due => {
-                Some(Write::Health { spec, health })
+                Some(Write::Health { spec, health, was: r.health.as_ref().map(|h| h.status) })
             }
             (Desired::Present { maintenance, .. }, Some(r)) if maintenance != r.maintenance => {
                 Some(Write::Maintenance { id, on: maintenance })
@@ -573,7 +573,8 @@ impl<R: Registry> Reconciler<R> {
                     Write::Register { spec, health } => {
                         tracing::info!(service = %id, status = %health.status, "registered");
                         // A registration replaces every check, maintenance included.
-                        entry.remote = Some(Remote { fingerprint: self.view.fingerprint(&spec), health: Some(health), maintenance: false });
+                        let health = Some(self.view.written(None, &health));
+                        entry.remote = Some(Remote { fingerprint: self.view.fingerprint(&spec), health, maintenance: false });
                     }
                     Write::Maintenance { on, .. } => {
                         tracing::info!(service = %id, "{}", if on { "drained (maintenance on)" } else { "undrained (maintenance off)" });
@@ -581,10 +582,11 @@ impl<R: Registry> Reconciler<R> {
                             r.maintenance = on;
                         }
                     }
-                    Write::Health { health, .. } => {
+                    Write::Health { health, was, .. } => {
                         tracing::debug!(service = %id, status = %health.status, "health written");
                         if let Some(r) = entry.remote.as_mut() {
-                            r.health = Some(health);
+                            // If only the status went, the reason is queued next (below).
+                            r.health = Some(self.view.written(was, &health));
                         }
                     }
                 }

@@ -19,13 +19,17 @@ struct State {
     beats: Vec<Instant>,
     syncs: usize,
     write_delay: Duration,
+    /// Write a new critical status and its reason apart, as Consul does.
+    split_reason: bool,
 }
 
 #[derive(Clone, Default)]
 struct Memory(Arc<Mutex<State>>);
 
 #[derive(Clone)]
-struct MemView;
+struct MemView {
+    split_reason: bool,
+}
 
 struct MemLane(Memory);
 
@@ -42,6 +46,12 @@ impl View for MemView {
     }
     fn refresh_after(&self) -> Option<Duration> {
         None
+    }
+    fn written(&self, was: Option<Status>, to: &Health) -> Health {
+        match to.status {
+            Status::Critical if self.split_reason && was != Some(Status::Critical) => Health::critical(""),
+            _ => to.clone(),
+        }
     }
 }
 
@@ -69,7 +79,7 @@ impl Registry for Memory {
     type Lane = MemLane;
 
     fn view(&self) -> MemView {
-        MemView
+        MemView { split_reason: self.state().split_reason }
     }
     fn lane(&self) -> RegResult<MemLane> {
         Ok(MemLane(self.clone()))
@@ -97,17 +107,24 @@ impl Registry for Memory {
             .collect())
     }
     async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
+        let view = self.view();
         for w in writes {
             tokio::time::sleep(self.delay()).await;
             let mut s = self.state();
-            s.writes.push((Instant::now(), w.op(), w.id().to_string()));
+            let op = match w {
+                Write::Health { health, was: Some(Status::Critical), .. } if view.split_reason && health.status == Status::Critical => {
+                    "set_reason"
+                }
+                _ => w.op(),
+            };
+            s.writes.push((Instant::now(), op, w.id().to_string()));
             match w {
                 Write::Register { spec, health } => {
-                    s.records.insert(spec.id.clone(), (spec.name.clone(), fp(spec), health.clone()));
+                    s.records.insert(spec.id.clone(), (spec.name.clone(), fp(spec), view.written(None, health)));
                 }
-                Write::Health { spec, health } => {
+                Write::Health { spec, health, was } => {
                     if let Some(r) = s.records.get_mut(&spec.id) {
-                        r.2 = health.clone();
+                        r.2 = view.written(*was, health);
                     }
                 }
                 Write::Deregister { id, .. } => {
@@ -311,5 +328,31 @@ async fn a_service_with_no_result_is_registered_critical_after_the_grace() {
     h.until(Duration::from_secs(10), "quiet registered", |s| s.records.contains_key("quiet")).await;
     let (_, _, health) = mem.state().records["quiet"].clone();
     assert_eq!(health, Health::critical(WAITING));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reason_written_apart_waits_behind_the_status_writes_of_other_services() {
+    let mem = Memory::default();
+    mem.state().split_reason = true;
+    mem.state().write_delay = Duration::from_millis(20);
+    let mut h = Harness::start(mem.clone());
+    let ids: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    h.set(&refs, Duration::from_secs(15)).await;
+    for id in &ids {
+        h.health(id, true).await;
+    }
+    h.until(Duration::from_secs(30), "all passing", |s| ids.iter().all(|id| passing(s, id))).await;
+    // A whole server flips: 40 services turn critical at once.
+    for id in &ids {
+        h.health(id, false).await;
+    }
+    let with_reason = |s: &State| ids.iter().all(|id| s.records[id].2 == Health::critical("NOT_SERVING"));
+    h.until(Duration::from_secs(30), "all critical with their reason", with_reason).await;
+    let ops: Vec<&str> = mem.state().writes.iter().map(|(_, op, _)| *op).filter(|op| *op != "register").collect();
+    assert_eq!(ops.len(), 80, "a status and a reason per service: {ops:?}");
+    assert!(ops[..40].iter().all(|op| *op == "set_health"), "every status before any reason: {ops:?}");
+    assert!(ops[40..].iter().all(|op| *op == "set_reason"), "{ops:?}");
     h.stop().await;
 }

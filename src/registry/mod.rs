@@ -5,7 +5,7 @@ pub mod consul;
 pub mod etcd;
 
 use crate::config::ServiceSpec;
-use crate::health::Health;
+use crate::health::{Health, Status};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,8 +89,9 @@ pub type Result<T> = std::result::Result<T, RegistryError>;
 pub enum Write {
     /// Write the whole record with this health.
     Register { spec: Arc<ServiceSpec>, health: Health },
-    /// Change only the health of a record the registry holds.
-    Health { spec: Arc<ServiceSpec>, health: Health },
+    /// Change only the health of a record the registry holds; `was` is the
+    /// status it holds now, as far as tether knows (None: unknown).
+    Health { spec: Arc<ServiceSpec>, health: Health, was: Option<Status> },
     /// Remove the record.
     Deregister { id: String, name: String },
     /// Take the record out of (or back into) the healthy set without removing
@@ -128,9 +129,21 @@ pub trait View: Clone + Send + Sync + 'static {
     /// registry already holds this spec.
     fn fingerprint(&self, spec: &ServiceSpec) -> String;
 
-    /// Re-send a record's health after this long even if unchanged (Consul's
-    /// long-TTL health checks), or never.
+    /// Re-send a record's health after this long even if unchanged (a
+    /// long-TTL health check), or never.
     fn refresh_after(&self) -> Option<Duration>;
+
+    /// What the registry holds after one write of `to` (a registration, or a
+    /// health change from status `was`): `to` itself, unless the backend
+    /// writes a new status and its reason apart. Then the status alone, and
+    /// the reconciler queues the reason as a write of its own, behind the
+    /// status writes already waiting (Consul: a critical check is added,
+    /// then its output set, since Consul 1.8 takes no output at check
+    /// registration).
+    fn written(&self, was: Option<Status>, to: &Health) -> Health {
+        let _ = was;
+        to.clone()
+    }
 }
 
 /// tether's liveness, on its own connection to the registry: nothing queued

@@ -251,22 +251,16 @@ impl Consul {
     async fn write(&self, w: &Write) -> std::result::Result<(), ConsulError> {
         let client = &self.conn.client;
         match w {
-            Write::Register { spec, health } => {
-                client.register_service(&self.registration(spec, health)).await?;
-                // Consul 1.8 takes no Output at registration. A passing
-                // service needs none (one write per new service); a critical
-                // one gets its reason in a second write.
-                if health.status == Status::Critical {
-                    client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await?;
-                }
-                Ok(())
-            }
-            // The service turns critical the moment the check is added; the
-            // reason follows. A critical service with a new reason is
-            // re-added too (rare), as the write does not know what Consul holds.
-            Write::Health { spec, health } if health.status == Status::Critical => {
-                client.register_check(&spec.id, &Self::health_check(spec)).await?;
+            // Consul 1.8 takes no output at registration: a critical
+            // service's reason follows as a write of its own (see `written`).
+            Write::Register { spec, health } => client.register_service(&self.registration(spec, health)).await,
+            // Critical already: the check is there, set its reason.
+            Write::Health { spec, health, was: Some(Status::Critical) } if health.status == Status::Critical => {
                 client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await
+            }
+            // The service turns critical the moment the check is added.
+            Write::Health { spec, health, .. } if health.status == Status::Critical => {
+                client.register_check(&spec.id, &Self::health_check(spec)).await
             }
             Write::Health { spec, .. } => client.deregister_check(&health_check_id(&spec.id)).await,
             Write::Deregister { id, .. } => client.deregister_service(id).await,
@@ -353,6 +347,17 @@ impl View for ConsulView {
     /// Nothing to refresh: a passing service has no TTL check of its own.
     fn refresh_after(&self) -> Option<Duration> {
         None
+    }
+
+    /// Turning critical adds the health check with no output (Consul 1.8
+    /// takes none at check registration); the reason is a second write,
+    /// queued behind the status writes waiting, so that a flip of many
+    /// services reaches the catalog at the pace of one write each.
+    fn written(&self, was: Option<Status>, to: &Health) -> Health {
+        match to.status {
+            Status::Critical if was != Some(Status::Critical) => Health::critical(""),
+            _ => to.clone(),
+        }
     }
 }
 
