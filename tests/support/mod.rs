@@ -231,9 +231,15 @@ impl Consul {
         Some(worst.to_string())
     }
 
+    /// Wait until `id`'s health (see [`Consul::health`]) is `status`; a
+    /// critical one also with its reason, which tether writes right after
+    /// the status (Consul takes no output at check registration).
     pub fn wait_health(&self, id: &str, status: &str, limit: Duration) -> Duration {
         let start = Instant::now();
-        wait_for(limit, &format!("{id}'s gRPC health check to be {status}"), || (self.health(id)?.0 == status).then_some(()));
+        wait_for(limit, &format!("{id}'s gRPC health check to be {status}"), || {
+            let (s, output) = self.health(id)?;
+            (s == status && (status != "critical" || !output.is_empty())).then_some(())
+        });
         start.elapsed()
     }
 
