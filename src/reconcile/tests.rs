@@ -218,6 +218,20 @@ impl Harness {
         self.shutdown.cancel();
         self.task.await.unwrap();
     }
+
+    /// Start `n` services s0… with their first results (passing) in hand as
+    /// tether starts, and wait until all are registered passing.
+    async fn all_passing(&mut self, n: usize) -> Vec<String> {
+        let ids: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.set(&refs, Duration::from_secs(15)).await;
+        // Results arrive while the first anti-entropy read is still out.
+        for id in &ids {
+            self.health(id, true).await;
+        }
+        self.until(Duration::from_secs(30), "all passing", |s| ids.iter().all(|id| passing(s, id))).await;
+        ids
+    }
 }
 
 fn passing(s: &State, id: &str) -> bool {
@@ -229,14 +243,7 @@ async fn start_with_health_known_writes_once_per_service() {
     let mem = Memory::default();
     mem.state().write_delay = Duration::from_millis(50);
     let mut h = Harness::start(mem.clone());
-    let ids: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    h.set(&refs, Duration::from_secs(15)).await;
-    // Results arrive while the first anti-entropy read is still out.
-    for id in &ids {
-        h.health(id, true).await;
-    }
-    h.until(Duration::from_secs(30), "all passing", |s| ids.iter().all(|id| passing(s, id))).await;
+    let ids = h.all_passing(40).await;
     for id in &ids {
         assert_eq!(mem.writes_of(id), ["register"], "{id}: one write, registered passing");
     }
@@ -337,13 +344,7 @@ async fn a_reason_written_apart_waits_behind_the_status_writes_of_other_services
     mem.state().split_reason = true;
     mem.state().write_delay = Duration::from_millis(20);
     let mut h = Harness::start(mem.clone());
-    let ids: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    h.set(&refs, Duration::from_secs(15)).await;
-    for id in &ids {
-        h.health(id, true).await;
-    }
-    h.until(Duration::from_secs(30), "all passing", |s| ids.iter().all(|id| passing(s, id))).await;
+    let ids = h.all_passing(40).await;
     // A whole server flips: 40 services turn critical at once.
     for id in &ids {
         h.health(id, false).await;

@@ -197,14 +197,15 @@ impl Consul {
     }
 
     /// (status, output) of a service's gRPC health as tether writes it: its
-    /// `tether:<id>` check, there only while it is not passing; else passing
-    /// (with no output) if the service is registered with its alias check.
+    /// `tether:<id>` check, there only while it is not passing; else the
+    /// status of its alias check (passing while tether is alive), with no
+    /// output.
     pub fn health(&self, id: &str) -> Option<(String, String)> {
         let checks = self.checks();
         if let Some(c) = checks.get(&format!("tether:{id}")) {
             return Some((c["Status"].as_str()?.to_string(), c["Output"].as_str().unwrap_or("").to_string()));
         }
-        checks.contains_key(&format!("tether-alive:{id}")).then(|| ("passing".to_string(), String::new()))
+        Some((checks.get(&format!("tether-alive:{id}"))?["Status"].as_str()?.to_string(), String::new()))
     }
 
     /// Whether service `id` is passing in `checks` (from [`Consul::checks`]):
