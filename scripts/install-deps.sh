@@ -105,12 +105,13 @@ mkdir -p "$unpack"
 for deb in consul_*.deb etcd-server_*.deb etcd-client_*.deb; do
     dpkg-deb -x "$deb" "$unpack"
 done
-find_bin() { find "$unpack/usr" -type f -name "$1" -perm -u+x | head -n1; }
+# No `| head` under pipefail: the writer can die of SIGPIPE (exit 141).
+find_bin() { find "$unpack/usr" -type f -name "$1" -perm -u+x -print -quit; }
 for name in consul etcd etcdctl; do
     path=$(find_bin "$name")
     [ -n "$path" ] || { log "no $name binary inside the unpacked packages"; exit 1; }
     ln -sf "$path" "$bin/$name"
 done
-"$bin/consul" version | head -n1 >&2
-"$bin/etcd" --version | head -n1 >&2
+"$bin/consul" version | sed -n 1p >&2
+"$bin/etcd" --version | sed -n 1p >&2
 log "done: $bin"
