@@ -175,6 +175,48 @@ fn bad_file_reports_error_and_keeps_last_good() {
 }
 
 #[test]
+fn new_passing_services_never_show_critical_in_the_catalog() {
+    // Consul starts an alias check critical until it has looked at its
+    // target, and may sync that to the catalog first. tether registers it
+    // passing: a new SERVING service is never critical there, not for a moment.
+    let consul = Consul::start();
+    let server = HealthServer::start(0, &[]);
+    let setup = Setup::consul(&consul, "");
+    let ids: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        setup.write_service(&format!("{id}.toml"), &service(id, server.port, &format!("id = \"{id}\"")));
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            // Every answer of blocking queries on the catalog's critical checks.
+            let (mut seen, mut index) = (Vec::new(), 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (checks, next) = consul.get_with_index(&format!("/v1/health/state/critical?index={index}&wait=1s"));
+                seen.extend(checks.as_array().unwrap().iter().filter_map(|c| c["CheckID"].as_str().map(String::from)));
+                index = if next > index { next } else { 0 };
+            }
+            seen
+        });
+        let _tether = setup.start();
+        wait_for(T, "20 services passing in the catalog", || {
+            let passing = consul.get("/v1/health/state/passing");
+            let n = passing
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["CheckID"].as_str().is_some_and(|id| id.starts_with("tether-alive:")))
+                .count();
+            (n == ids.len()).then_some(())
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    let mine: Vec<&String> = seen.iter().filter(|id| id.starts_with("tether")).collect();
+    assert!(mine.is_empty(), "critical in the catalog at some point: {mine:?}");
+}
+
+#[test]
 fn tether_killed_consul_marks_critical_by_itself() {
     let consul = Consul::start();
     let server = HealthServer::start(0, &[]);

@@ -201,8 +201,7 @@ fn go_server_quiet_minute_no_blip_no_too_many_pings() {
     let server = GoHealthServer::start();
     let both = Both::start(&server);
     let revs: Vec<_> = KEYS.iter().map(|k| revisions(&both.etcd, k).unwrap()).collect();
-    // The catalog follows the agent's own view by a sync: a new alias check
-    // starts critical until it has looked at its target.
+    // The catalog follows the agent's own view by a sync.
     let checks = wait_for(T, "both alias checks passing in the catalog", || {
         let c = consul_check_indexes(&both.consul);
         (c.len() == 2 && c.values().all(|(s, _)| s == "passing")).then_some(c)

@@ -217,6 +217,10 @@ impl Consul {
             check_id: alias_check_id(&spec.id),
             name: "tether agent alive".into(),
             notes: Some(ConsulView::notes(spec)),
+            // Consul would start it critical until it has looked at its
+            // target, and may sync that to the catalog first: a new service
+            // would blip critical. tether is alive as it writes this.
+            status: Some(Status::Passing.as_str().into()),
             alias_service: Some(agent_service_id(self.owner())),
             deregister_critical_service_after: Some(go(spec.deregister_critical_after)),
             ..Default::default()
