@@ -97,7 +97,6 @@ struct Entry {
     remote: Option<Remote>,
     /// A write of this service is with the writer; its outcome re-syncs it.
     in_flight: bool,
-    last_write: Instant,
     last_write_at: Option<SystemTime>,
     last_error: Option<String>,
     /// Taken out of the healthy set by `tether drain`, whatever its health.
@@ -401,7 +400,6 @@ impl<R: Registry> Reconciler<R> {
                             added: now,
                             remote: None,
                             in_flight: false,
-                            last_write: now,
                             last_write_at: None,
                             last_error: None,
                             drained,
@@ -492,7 +490,6 @@ impl<R: Registry> Reconciler<R> {
     /// The write that would make the registry hold the desired view of one
     /// service, if any.
     fn needed_write(&self, entry: &Entry) -> Option<Write> {
-        let refresh_due = self.view.refresh_after().is_some_and(|d| entry.last_write.elapsed() >= d);
         let spec = entry.spec.clone();
         let id = spec.id.clone();
         match (self.desired(entry), &entry.remote) {
@@ -502,7 +499,7 @@ impl<R: Registry> Reconciler<R> {
             (Desired::Present { fingerprint, health, .. }, Some(r)) if fingerprint != r.fingerprint => {
                 Some(Write::Register { spec, health })
             }
-            (Desired::Present { health, .. }, Some(r)) if !same_health(&health, r.health.as_ref()) || refresh_due => {
+            (Desired::Present { health, .. }, Some(r)) if !same_health(&health, r.health.as_ref()) => {
                 Some(Write::Health { spec, health, was: r.health.as_ref().map(|h| h.status) })
             }
             (Desired::Present { maintenance, .. }, Some(r)) if maintenance != r.maintenance => {
@@ -559,7 +556,6 @@ impl<R: Registry> Reconciler<R> {
             };
             entry.in_flight = false;
             if i < done {
-                entry.last_write = Instant::now();
                 entry.last_write_at = Some(SystemTime::now());
                 entry.last_error = None;
                 self.telemetry.metrics.service_last_write.get_or_create(&Metrics::service(&id)).set(unix_now());

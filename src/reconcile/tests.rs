@@ -44,9 +44,6 @@ impl View for MemView {
     fn fingerprint(&self, spec: &ServiceSpec) -> String {
         fp(spec)
     }
-    fn refresh_after(&self) -> Option<Duration> {
-        None
-    }
     fn written(&self, was: Option<Status>, to: &Health) -> Health {
         match to.status {
             Status::Critical if self.split_reason && was != Some(Status::Critical) => Health::critical(""),

@@ -422,10 +422,6 @@ impl View for EtcdView {
         let key = self.key(&spec.name, &spec.id);
         format!("{key}|{}|lease:{}|{}", serde_json::to_string(&v).expect("serializable"), self.lease_id(), v.format())
     }
-
-    fn refresh_after(&self) -> Option<Duration> {
-        None
-    }
 }
 
 impl Heartbeat for EtcdLane {

@@ -129,10 +129,6 @@ pub trait View: Clone + Send + Sync + 'static {
     /// registry already holds this spec.
     fn fingerprint(&self, spec: &ServiceSpec) -> String;
 
-    /// Re-send a record's health after this long even if unchanged (a
-    /// long-TTL health check), or never.
-    fn refresh_after(&self) -> Option<Duration>;
-
     /// What the registry holds after one write of `to` (a registration, or a
     /// health change from status `was`): `to` itself, unless the backend
     /// writes a new status and its reason apart. Then the status alone, and

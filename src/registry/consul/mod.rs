@@ -348,11 +348,6 @@ impl View for ConsulView {
         fingerprint_of(&spec.name, &spec.address, spec.port, &spec.tags, &self.meta(spec), Some(&Self::notes(spec)))
     }
 
-    /// Nothing to refresh: a passing service has no TTL check of its own.
-    fn refresh_after(&self) -> Option<Duration> {
-        None
-    }
-
     /// Turning critical adds the health check with no output (Consul 1.8
     /// takes none at check registration); the reason is a second write,
     /// queued behind the status writes waiting, so that a flip of many
