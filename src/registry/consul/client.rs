@@ -181,6 +181,14 @@ impl ConsulClient {
         Err(ConsulError::Status { what: what.to_string(), status, body })
     }
 
+    /// A removal: what is already gone (404) counts as done.
+    async fn remove(&self, what: &str, path: &str) -> Result<(), ConsulError> {
+        match self.send(what, self.request(reqwest::Method::PUT, path)).await {
+            Err(e) if e.status() == Some(404) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
     /// `PUT /v1/agent/service/register?replace-existing-checks=true`.
     pub async fn register_service(&self, reg: &ServiceRegistration) -> Result<(), ConsulError> {
         let rb = self.request(reqwest::Method::PUT, "/v1/agent/service/register?replace-existing-checks=true").json(reg);
@@ -189,46 +197,21 @@ impl ConsulClient {
 
     /// `PUT /v1/agent/service/deregister/<id>`; an unknown id is not an error.
     pub async fn deregister_service(&self, id: &str) -> Result<(), ConsulError> {
-        let rb = self.request(reqwest::Method::PUT, &format!("/v1/agent/service/deregister/{}", encode(id)));
-        match self.send(&format!("deregistering service {id}"), rb).await {
-            Err(e) if e.status() == Some(404) => Ok(()),
-            r => r.map(drop),
-        }
+        self.remove(&format!("deregistering service {id}"), &format!("/v1/agent/service/deregister/{}", encode(id))).await
     }
 
     /// `PUT /v1/agent/check/register`: add (or replace) one check of a service.
     pub async fn register_check(&self, service_id: &str, check: &CheckDefinition) -> Result<(), ConsulError> {
         // The same fields as inside a service registration, but its id is
-        // "ID" here: Consul 1.8 rejects "CheckID" on this endpoint.
-        #[derive(Serialize)]
-        #[serde(rename_all = "PascalCase")]
-        struct CheckRegistration<'a> {
-            #[serde(rename = "ID")]
-            id: &'a str,
-            #[serde(rename = "ServiceID")]
-            service_id: &'a str,
-            name: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            notes: Option<&'a str>,
-            #[serde(rename = "TTL", skip_serializing_if = "Option::is_none")]
-            ttl: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            status: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            alias_service: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            deregister_critical_service_after: Option<&'a str>,
+        // "ID" here (Consul 1.8 rejects "CheckID" on this endpoint), and the
+        // service it belongs to is named.
+        let mut body = serde_json::to_value(check).expect("a check definition is plain data");
+        if let Some(fields) = body.as_object_mut() {
+            if let Some(id) = fields.remove("CheckID") {
+                fields.insert("ID".into(), id);
+            }
+            fields.insert("ServiceID".into(), service_id.into());
         }
-        let body = CheckRegistration {
-            id: &check.check_id,
-            service_id,
-            name: &check.name,
-            notes: check.notes.as_deref(),
-            ttl: check.ttl.as_deref(),
-            status: check.status.as_deref(),
-            alias_service: check.alias_service.as_deref(),
-            deregister_critical_service_after: check.deregister_critical_service_after.as_deref(),
-        };
         let rb = self.request(reqwest::Method::PUT, "/v1/agent/check/register").json(&body);
         self.send(&format!("registering check {}", check.check_id), rb).await.map(drop)
     }
@@ -236,11 +219,7 @@ impl ConsulClient {
     /// `PUT /v1/agent/check/deregister/<check-id>`; an unknown check is not an
     /// error (Consul 1.8 answers 200, later versions 404).
     pub async fn deregister_check(&self, check_id: &str) -> Result<(), ConsulError> {
-        let rb = self.request(reqwest::Method::PUT, &format!("/v1/agent/check/deregister/{}", encode(check_id)));
-        match self.send(&format!("deregistering check {check_id}"), rb).await {
-            Err(e) if e.status() == Some(404) => Ok(()),
-            r => r.map(drop),
-        }
+        self.remove(&format!("deregistering check {check_id}"), &format!("/v1/agent/check/deregister/{}", encode(check_id))).await
     }
 
     /// `PUT /v1/agent/check/update/<check-id>`: set a TTL check's status and output.
