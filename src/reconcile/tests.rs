@@ -45,9 +45,10 @@ impl View for MemView {
         fp(spec)
     }
     fn written(&self, was: Option<Status>, to: &Health) -> Health {
-        match to.status {
-            Status::Critical if self.split_reason && was != Some(Status::Critical) => Health::critical(""),
-            _ => to.clone(),
+        if self.split_reason {
+            crate::registry::status_then_reason(was, to)
+        } else {
+            to.clone()
         }
     }
 }

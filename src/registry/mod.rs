@@ -142,6 +142,16 @@ pub trait View: Clone + Send + Sync + 'static {
     }
 }
 
+/// [`View::written`] of a backend that writes a new critical status and its
+/// reason apart: a service turning critical holds the status alone, with no
+/// reason yet; any other write leaves `to`.
+pub fn status_then_reason(was: Option<Status>, to: &Health) -> Health {
+    match to.status {
+        Status::Critical if was != Some(Status::Critical) => Health::critical(""),
+        _ => to.clone(),
+    }
+}
+
 /// tether's liveness, on its own connection to the registry: nothing queued
 /// for the writer can delay it.
 pub trait Heartbeat: Send + 'static {

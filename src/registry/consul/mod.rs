@@ -353,10 +353,7 @@ impl View for ConsulView {
     /// queued behind the status writes waiting, so that a flip of many
     /// services reaches the catalog at the pace of one write each.
     fn written(&self, was: Option<Status>, to: &Health) -> Health {
-        match to.status {
-            Status::Critical if was != Some(Status::Critical) => Health::critical(""),
-            _ => to.clone(),
-        }
+        super::status_then_reason(was, to)
     }
 }
 
