@@ -116,8 +116,8 @@ def floor_registration(sid: str, port: int, live: str) -> dict:
         "ID": sid, "Name": sid, "Address": "127.0.0.1", "Port": port, "Tags": [],
         "Meta": {"managed-by": "bench-floor", "tether-node": "floor"},
         "Checks": [
-            {"CheckID": f"floor-alive:{sid}", "Name": "agent alive (floor)", "Notes": floor_notes(sid, port), "AliasService": live,
-             "DeregisterCriticalServiceAfter": "1m0s"},
+            {"CheckID": f"floor-alive:{sid}", "Name": "agent alive (floor)", "Notes": floor_notes(sid, port), "Status": "passing",
+             "AliasService": live, "DeregisterCriticalServiceAfter": "1m0s"},
         ],
     }  # fmt: skip
 
