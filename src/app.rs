@@ -125,7 +125,7 @@ impl Pipeline<'_> {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 _ = self.reload.notified() => {}
-                _ = tokio::time::sleep(RESYNC_EVERY) => {}
+                _ = tokio::time::sleep_until(crate::timer::after(RESYNC_EVERY)) => {}
             }
             // Let a burst of events (an editor's save, a ConfigMap swap) settle.
             tokio::time::sleep(DEBOUNCE).await;

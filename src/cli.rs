@@ -150,6 +150,7 @@ pub fn main() -> ExitCode {
     // (ARCHITECTURE.md, "One thread"). Nothing in tether blocks the thread:
     // registry and health I/O is async, DNS goes to tokio's blocking pool.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    crate::timer::runtime_built();
     match cli.command {
         Command::Run { config, log_format, instance } => {
             init_logging(log_format);

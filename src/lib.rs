@@ -24,3 +24,4 @@ pub mod identity;
 pub mod reconcile;
 pub mod registry;
 pub mod telemetry;
+pub mod timer;

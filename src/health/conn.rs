@@ -179,7 +179,7 @@ async fn liveness(conn: Weak<Conn>, watch_joined: Arc<Notify>) {
             }
             continue;
         }
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep_until(crate::timer::after(interval)).await;
         let Some(c) = conn.upgrade() else { return };
         if c.watchers.load(Ordering::Relaxed) == 0 {
             continue;

@@ -114,7 +114,7 @@ impl Probe {
     async fn next_poll(&mut self) -> Observation {
         tokio::time::sleep_until(self.next_tick).await;
         self.refresh_tls();
-        self.next_tick = Instant::now() + self.spec.interval;
+        self.next_tick = crate::timer::after(self.spec.interval);
         self.check().await
     }
 

@@ -87,7 +87,7 @@ pub async fn run<H: Heartbeat>(
                 }
                 retry.reset();
                 last_ok = Some(now);
-                next = started + every;
+                next = crate::timer::at(started + every);
                 m.heartbeat_last.set(unix_now());
                 telemetry.with_status(|s| s.backend.last_heartbeat = Some(rfc3339(SystemTime::now())));
             }

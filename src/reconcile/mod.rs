@@ -250,7 +250,7 @@ impl<R: Registry> Reconciler<R> {
             self.turn();
             self.dispatch();
             let timer = self.timers.peek().map(|Reverse((t, _))| *t);
-            let tick = Instant::now() + self.watchdog_every.map_or(TICK, |w| w.min(TICK));
+            let tick = crate::timer::after(self.watchdog_every.map_or(TICK, |w| w.min(TICK)));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -261,7 +261,7 @@ impl<R: Registry> Reconciler<R> {
                 Some(command) = recv(&mut self.control) => self.on_control(command),
                 _ = sleep_until(self.next_anti_entropy) => {
                     self.sync_due = true;
-                    self.next_anti_entropy = Instant::now() + self.anti_entropy_every;
+                    self.next_anti_entropy = crate::timer::after(self.anti_entropy_every);
                 }
                 _ = sleep_until(timer.unwrap_or(tick)), if timer.is_some() => self.fire_timers(),
                 _ = sleep_until(tick) => {}
