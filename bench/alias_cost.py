@@ -94,7 +94,12 @@ def measure(shape: str, n: int, seconds: float, churn: int, servers: list[Health
                 name = scale.svc_name(k, i)
                 files[f"{name}.toml"] = service_file(name, name, servers[k].port, name, "watch", interval)
             t = Tether(procs, tether_bin, os.path.join(work, "tether"), "alias-cost", "consul", consul.url, files)
-            wait_until(lambda: t.alive() and scale.consul_all_passing(consul, "tether", n), 300, 0.2, f"{n} tether services passing")
+            def passing() -> bool:
+                if not t.alive():
+                    raise SystemExit(f"tether exited; see {t.log_path}")
+                return scale.consul_all_passing(consul, "tether", n)
+
+            wait_until(passing, 300, 0.2, f"{n} tether services passing")
             pids["tether"] = t.pid
         time.sleep(20)  # let the registrations' own work settle
         w = CpuWindow(pids).start()
@@ -150,6 +155,8 @@ def main() -> None:
     for shape in shapes:
         if shape not in SHAPES:
             raise SystemExit(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
+    if len(set(shapes)) != len(shapes):
+        raise SystemExit("each shape once per round (--rounds repeats them)")
     servers, procs, logs = [], Procs(), tempfile.mkdtemp(prefix="tether-alias-cost-servers-")
     try:
         if any(s in ("grpc", "tether-1s", "tether-5s") for s in shapes):

@@ -250,7 +250,12 @@ impl<R: Registry> Reconciler<R> {
             self.turn();
             self.dispatch();
             let timer = self.timers.peek().map(|Reverse((t, _))| *t);
-            let tick = crate::timer::after(self.watchdog_every.map_or(TICK, |w| w.min(TICK)));
+            // Watchdog pings keep their exact period (moving the tick onto the
+            // timer grid could push a ping to nearly the whole WatchdogSec).
+            let tick = match self.watchdog_every {
+                Some(every) => Instant::now() + every.min(TICK),
+                None => crate::timer::after(TICK),
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
