@@ -39,7 +39,8 @@ pub fn runtime_built() {
 
 /// A deadline `wait` from now, on the wheel's grid when that is known.
 pub fn after(wait: Duration) -> Instant {
-    at(Instant::now() + wait)
+    let now = Instant::now();
+    place(ORIGIN.get().copied(), now, now + wait)
 }
 
 /// `deadline`, on the wheel's grid when that is known and it is half a
