@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import scale  # noqa: E402
 from common import CpuWindow, Procs, log, status_kb, wait_until  # noqa: E402
 from consul import Consul  # noqa: E402
-from services import HealthServer, Tether, service_file  # noqa: E402
+from services import HealthServer, Tether  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIVE, LIVENESS = "live", "liveness"
@@ -82,17 +82,11 @@ def measure(shape: str, n: int, seconds: float, churn: int, servers: list[Health
             for i in range(n):
                 put("/v1/agent/service/register", registration(f"s-{i}", shape))
         elif shape == "grpc":
-            for j in range(n):
-                k, i = divmod(j, scale.PER_SERVER)
-                consul.register_grpc(f"cg-{j}", servers[k].port, scale.svc_name(k, i), "1s")
+            for j, k, name in scale.placed(n):
+                consul.register_grpc(f"cg-{j}", servers[k].port, name, "1s")
             wait_until(lambda: consul.count_status("consul-grpc:cg-", "passing") == n, 180, 0.5, f"{n} Consul gRPC checks passing")
         else:
-            interval = shape.split("-", 1)[1]
-            files = {}
-            for j in range(n):
-                k, i = divmod(j, scale.PER_SERVER)
-                name = scale.svc_name(k, i)
-                files[f"{name}.toml"] = service_file(name, name, servers[k].port, name, "watch", interval)
+            files = scale.service_files(servers, n, shape.split("-", 1)[1])
             t = Tether(procs, tether_bin, os.path.join(work, "tether"), "alias-cost", "consul", consul.url, files)
             def passing() -> bool:
                 if not t.alive():
@@ -160,9 +154,8 @@ def main() -> None:
     servers, procs, logs = [], Procs(), tempfile.mkdtemp(prefix="tether-alias-cost-servers-")
     try:
         if any(s in ("grpc", "tether-1s", "tether-5s") for s in shapes):
-            for k in range(-(-args.services // scale.PER_SERVER)):
-                names = [scale.svc_name(k, i) for i in range(scale.PER_SERVER)]
-                servers.append(HealthServer(procs, args.health_server, 0, names, os.path.join(logs, f"server-{k}.log")))
+            count = -(-args.services // scale.PER_SERVER)
+            servers = scale.start_servers(procs, args.health_server, count, lambda k: os.path.join(logs, f"server-{k}.log"))
         rows = []
         for r in range(args.rounds):
             for shape in shapes:

@@ -610,9 +610,7 @@ class Bench:
         self.results["scale"] = res
         servers: list[HealthServer] = []
         try:
-            for k in range(scale.SERVERS):
-                names = [scale.svc_name(k, i) for i in range(scale.PER_SERVER)]
-                servers.append(HealthServer(self.procs, self.args.health_server, 0, names, self.path(f"scale-server-{k}.log")))
+            servers = scale.start_servers(self.procs, self.args.health_server, scale.SERVERS, lambda k: self.path(f"scale-server-{k}.log"))
             if cfg["scale_floor"]:
                 log("scale: Consul's own floor")
                 self.fresh_consul()
@@ -632,11 +630,7 @@ class Bench:
 
     def scale_row(self, servers: list[HealthServer], backend: str, n: int, interval: str, idle_s: float) -> dict:
         log(f"scale: {n} services, interval {interval}, {backend}")
-        files = {}
-        for j in range(n):
-            k, i = divmod(j, scale.PER_SERVER)
-            name = scale.svc_name(k, i)
-            files[f"{name}.toml"] = service_file(name, name, servers[k].port, name, "watch", interval=interval, ttl="15s")
+        files = scale.service_files(servers, n, interval)
         node = f"scale-{backend}-{n}-{interval}"
         watch = None
         t0 = time.monotonic()

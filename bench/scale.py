@@ -11,6 +11,7 @@ import time
 import urllib.parse
 
 from common import CpuWindow, Http, log, wait_until
+from services import HealthServer, service_file
 
 SERVERS, PER_SERVER = 10, 100
 # Consul's idle window with the floor's registrations: two of its alias checks'
@@ -24,6 +25,33 @@ def median(xs: list[float]) -> float | None:
 
 def svc_name(server: int, i: int) -> str:
     return f"sc-{server}-{i}"
+
+
+def placed(n: int):
+    """(j, server index, service name) of each of n services, PER_SERVER to a server."""
+    for j in range(n):
+        k, i = divmod(j, PER_SERVER)
+        yield j, k, svc_name(k, i)
+
+
+def start_servers(procs, binary: str, count: int, log_path) -> list[HealthServer]:
+    """`count` health servers, server k serving its PER_SERVER names; `log_path(k)`."""
+    servers: list[HealthServer] = []
+    try:
+        for k in range(count):
+            servers.append(HealthServer(procs, binary, 0, [svc_name(k, i) for i in range(PER_SERVER)], log_path(k)))
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return servers
+
+
+def service_files(servers: list[HealthServer], n: int, interval: str) -> dict[str, str]:
+    """tether's service files for n services over `servers` (watch mode, ttl 15 s)."""
+    return {
+        f"{name}.toml": service_file(name, name, servers[k].port, name, "watch", interval=interval, ttl="15s") for _, k, name in placed(n)
+    }
 
 
 def consul_state(consul, state: str, regex: str, index: int = 0, wait: str = "10s", http: Http | None = None) -> tuple[list, int]:
