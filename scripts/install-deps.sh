@@ -10,8 +10,11 @@
 #     offline in GOPATH mode by tests/support (see tests/go/);
 #   - Consul 1.8.7 (Debian bullseye's `consul`) and etcd 3.4.23 (bookworm's
 #     `etcd-server`, `etcd-client`), unpacked into the git-ignored .tools/ folder
-#     without touching the system's apt configuration.
-# Afterwards: .tools/bin/{consul,etcd,etcdctl} and `go` exist.
+#     without touching the system's apt configuration;
+#   - a Python venv at .tools/venv with grpcio and grpcio-health-checking
+#     (PyPI, pinned): the reference Python health servicer the tests run
+#     (tests/python/health_server.py).
+# Afterwards: .tools/bin/{consul,etcd,etcdctl}, `go` and .tools/venv/bin/python exist.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,6 +59,32 @@ cargo_deb_version=3.8.0
 if [ "$(cargo deb --version 2>/dev/null | awk '{ print $NF }')" != "$cargo_deb_version" ]; then
     log "installing cargo-deb $cargo_deb_version (cargo install --locked; a few minutes)"
     cargo install cargo-deb --version "$cargo_deb_version" --locked --quiet
+fi
+
+# --- Python grpcio (PyPI, pinned) in a private venv ---------------------------
+# grpcio and grpcio-health-checking are released together: keep them equal.
+grpcio_version=1.85.1
+protobuf_version=7.36.2
+venv="$tools/venv"
+venv_ok() {
+    [ -x "$venv/bin/python" ] && "$venv/bin/python" - "$grpcio_version" <<'PY' >/dev/null 2>&1
+import sys
+from importlib.metadata import version
+import grpc, grpc_health.v1.health
+assert version("grpcio") == version("grpcio-health-checking") == sys.argv[1]
+PY
+}
+if ! venv_ok; then
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        log "installing python3 python3-venv (apt)"
+        sudo_if_needed apt-get update -qq
+        sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+    fi
+    log "creating $venv with grpcio $grpcio_version and grpcio-health-checking $grpcio_version (pip)"
+    python3 -m venv --clear "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "grpcio==$grpcio_version" "grpcio-health-checking==$grpcio_version" "protobuf==$protobuf_version"
+    venv_ok || { log "$venv/bin/python cannot import grpc and grpc_health at $grpcio_version"; exit 1; }
 fi
 
 # --- Consul and etcd from Debian packages, privately -------------------------
