@@ -218,7 +218,7 @@ fn settings(conn: &Weak<Conn>) -> Option<(Duration, Duration)> {
 
 /// Whether an error status came from the server itself (so it is alive),
 /// rather than from the transport or a deadline.
-fn server_answered(status: &tonic::Status) -> bool {
+pub(super) fn server_answered(status: &tonic::Status) -> bool {
     let transport = super::probe::io_cause(status).is_some()
         || matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown)
         || (status.code() == Code::Cancelled && status.message().contains("Timeout expired"));

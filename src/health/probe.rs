@@ -1,24 +1,40 @@
 //! grpc.health.v1 probes: a pull-based stream of [`Observation`]s for one target.
 //!
 //! Watch mode opens `Health/Watch` and yields one observation per message.
-//! While the stream is quiet it sends a unary `Check` every `interval` on the
-//! same connection: that re-confirms the state for rise/fall counting and
-//! catches a frozen (SIGSTOPped) server by its deadline. HTTP/2 keepalive pings
-//! are deliberately not used: grpc-go servers answer pings more frequent than
-//! their enforcement policy (5 minutes by default) with GOAWAY "too_many_pings".
-//! Any non-SERVING message, stream end or error is a failure. A stream end or
-//! error is re-opened with capped, jittered exponential backoff. A stream that
-//! says "not serving" is kept for a short grace (a quick return to SERVING is
-//! seen at once) and then dropped and re-opened at once: a tonic or grpc-go
-//! server's graceful shutdown waits for open Watch streams, so holding one
-//! would stall the service's own shutdown (a server shutting down refuses the
-//! new stream). No pause before the re-open: a return to SERVING meanwhile
-//! would go unseen until it. UNIMPLEMENTED on Watch falls back to polling
-//! `Check`.
+//! While the stream is quiet the connection's liveness `Check` (one per
+//! connection per interval, see `conn`) re-confirms the state for rise/fall
+//! counting and catches a frozen (SIGSTOPped) server by its deadline. HTTP/2
+//! keepalive pings are deliberately not used: grpc-go servers answer pings
+//! more frequent than their enforcement policy (5 minutes by default) with
+//! GOAWAY "too_many_pings".
+//!
+//! **A guest in the service's house: a Watch stream is cancelled as rarely
+//! as the protocol allows.** Cancelling a stream is not free for the server:
+//! grpcio's sync `HealthServicer` (Python) deadlocks when `set()` meets a
+//! Watch stream cancelled a moment before (grpc/grpc#43403: `set()` holds
+//! the servicer's lock while it sends to every watcher, and the cancelled
+//! stream's close callback needs that lock). So:
+//!
+//! - A stream that says "not serving" is kept for [`NOT_SERVING_GRACE`], so
+//!   that a quick return to SERVING is seen at once, and then dropped, once
+//!   per episode: a tonic or grpc-go server's graceful shutdown waits for
+//!   open Watch streams, so holding it longer would stall the service's own
+//!   shutdown.
+//! - Then the probe *follows* the service with unary `Check`s (at once, then
+//!   every interval, at most [`FOLLOW_EVERY_AT_MOST`] apart) until one says
+//!   SERVING, and only then opens a new Watch. No re-open storms.
+//! - A stream that ends or fails is followed the same way, its Checks paced
+//!   by capped, jittered exponential backoff until a Watch message says
+//!   SERVING again.
+//!
+//! Every wait is bounded: opening a Watch and its first message within
+//! `timeout` (else it is a failure), each Check by `timeout`, and any failed
+//! liveness result of the connection fails the open stream.
+//! UNIMPLEMENTED on Watch falls back to polling `Check`.
 //!
 //! Poll mode calls `Check` every `interval` with `timeout` as the deadline.
 
-use super::conn::{Beat, Connections, Lease};
+use super::conn::{server_answered, Beat, Connections, Lease};
 use super::rpc;
 use super::Observation;
 use crate::backoff::{jitter, Backoff};
@@ -26,20 +42,29 @@ use crate::config::tls::TlsConfig;
 use crate::config::{CheckMode, CheckSpec};
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{sleep_until, timeout, Instant};
 use tonic::transport::Endpoint;
 use tonic::{Code, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-/// First reconnect delay; doubles up to the check interval.
+/// First delay after a failure; doubles up to the check interval.
 const BACKOFF_START: Duration = Duration::from_millis(50);
 /// How long a Watch stream is kept open after a non-SERVING message, so that a
-/// quick return to SERVING is seen at once, before it is dropped and re-opened.
-const NOT_SERVING_GRACE: Duration = Duration::from_secs(1);
+/// quick return to SERVING is seen at once, before it is dropped (once).
+pub const NOT_SERVING_GRACE: Duration = Duration::from_secs(1);
+/// While a service is not serving, it is followed with a unary `Check` every
+/// interval, but at least this often: a return to SERVING is seen as soon as
+/// the dropped stream's re-open used to see it.
+pub const FOLLOW_EVERY_AT_MOST: Duration = Duration::from_secs(1);
 
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86400)
+/// What a Watch-mode probe does next while it has no stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    /// Open a Watch now (at start, and after a Check said SERVING).
+    Open,
+    /// Send a unary Check at this time; open a Watch once one says SERVING.
+    CheckAt(Instant),
 }
 
 pub struct Probe {
@@ -51,10 +76,14 @@ pub struct Probe {
     /// Watch mode, until the server says Watch is UNIMPLEMENTED.
     watching: bool,
     stream: Option<Streaming<HealthCheckResponse>>,
+    /// Without a stream (watch mode): open one, or follow with Checks.
+    follow: Follow,
     /// The last message of the open Watch stream, re-confirmed by each
     /// successful liveness check of the connection while the stream is quiet.
     last: Option<Observation>,
-    /// Delay before the next reconnect after failures.
+    /// Paces the Checks that follow a failed or ended Watch stream; reset
+    /// only by a SERVING Watch message, so a stream that keeps failing is
+    /// re-opened no faster than the backoff allows.
     backoff: Backoff,
     /// When to drop a stream that keeps saying the service is not serving.
     drop_at: Option<Instant>,
@@ -62,6 +91,8 @@ pub struct Probe {
     opened: Option<Instant>,
     /// When the next poll is due (poll mode).
     next_tick: Instant,
+    /// Streams this probe cancelled (dropped while the server held them open).
+    cancels: u64,
     logged_fallback: bool,
 }
 
@@ -76,11 +107,13 @@ impl Probe {
             beats,
             watching,
             stream: None,
+            follow: Follow::Open,
             last: None,
             backoff: Backoff::new(BACKOFF_START, spec.interval.max(BACKOFF_START)),
             drop_at: None,
             opened: None,
             next_tick: Instant::now(),
+            cancels: 0,
             logged_fallback: false,
             spec,
         })
@@ -95,6 +128,11 @@ impl Probe {
         }
     }
 
+    /// How many Watch streams this probe has cancelled so far.
+    pub fn cancels(&self) -> u64 {
+        self.cancels
+    }
+
     /// Move to a fresh connection when rotated TLS files are noticed.
     fn refresh_tls(&mut self) {
         if !self.lease.rotated() {
@@ -105,54 +143,62 @@ impl Probe {
                 tracing::info!(target = %self.spec.target, "TLS files changed; reconnecting with them");
                 self.beats = lease.beats();
                 self.lease = lease;
-                self.stream = None;
+                self.drop_stream();
             }
             Err(e) => tracing::warn!(target = %self.spec.target, error = %e, "TLS files changed but cannot be used; keeping the old ones"),
         }
     }
 
     async fn next_poll(&mut self) -> Observation {
-        tokio::time::sleep_until(self.next_tick).await;
+        sleep_until(self.next_tick).await;
         self.refresh_tls();
         self.next_tick = crate::timer::after(self.spec.interval);
         self.check().await
     }
 
+    /// Let go of the open stream, if any. A stream the server still holds
+    /// open is cancelled by this: counted, since cancellations are what a
+    /// probe must keep rare.
+    fn drop_stream(&mut self) {
+        if self.stream.take().is_some() {
+            self.cancels += 1;
+        }
+        self.drop_at = None;
+        self.opened = None;
+        self.last = None;
+    }
+
+    /// Follow the service with unary Checks from `at` on.
+    fn follow_at(&mut self, at: Instant) {
+        self.follow = Follow::CheckAt(at);
+    }
+
     async fn next_watch(&mut self) -> Observation {
         loop {
             if self.stream.is_none() {
-                if let Some(delay) = self.backoff.current() {
-                    sleep(jitter(delay)).await;
+                if let Follow::CheckAt(at) = self.follow {
+                    sleep_until(at).await;
+                    self.refresh_tls();
+                    let (obs, answered) = self.check_answered().await;
+                    let every = self.spec.interval.min(FOLLOW_EVERY_AT_MOST);
+                    self.follow = if obs.ok {
+                        Follow::Open
+                    } else if answered {
+                        Follow::CheckAt(crate::timer::after(every))
+                    } else {
+                        Follow::CheckAt(Instant::now() + jitter(self.backoff.next_delay()))
+                    };
+                    return obs;
                 }
                 self.refresh_tls();
-                let req = HealthCheckRequest { service: self.spec.service.clone() };
-                self.opened = Some(Instant::now());
-                // Liveness results from before this stream do not concern it.
-                self.beats.borrow_and_update();
-                self.last = None;
-                match timeout(self.spec.timeout, rpc::watch(self.lease.channel(), tonic::Request::new(req))).await {
-                    Err(_) => {
-                        return self
-                            .fail(format!("deadline exceeded after {} opening Watch", humantime::format_duration(self.spec.timeout)))
-                    }
-                    Ok(Err(status)) if status.code() == Code::Unimplemented => {
-                        if !self.logged_fallback {
-                            tracing::warn!(target = %self.spec.target, "server does not implement grpc.health.v1 Watch; polling Check instead");
-                            self.logged_fallback = true;
-                        }
-                        self.watching = false;
-                        self.backoff.reset();
-                        return self.next_poll().await;
-                    }
-                    Ok(Err(status)) => return self.fail(describe(&status, self.spec.timeout)),
-                    Ok(Ok(resp)) => {
-                        self.stream = Some(resp.into_inner());
-                        self.drop_at = None;
-                    }
+                if let Some(obs) = self.open().await {
+                    return obs;
                 }
+                continue;
             }
-            let stream = self.stream.as_mut().expect("stream is open");
+            let first_deadline = self.opened.map(|t| t + self.spec.timeout);
             let drop_at = self.drop_at;
+            let stream = self.stream.as_mut().expect("stream is open");
             tokio::select! {
                 msg = stream.message() => return match msg {
                     Ok(Some(resp)) => {
@@ -167,14 +213,25 @@ impl Probe {
                         }
                         obs
                     }
-                    Ok(None) => self.fail("Watch stream ended by the server".to_string()),
-                    Err(status) => self.fail(describe(&status, self.spec.timeout)),
+                    Ok(None) => {
+                        self.stream = None; // ended by the server: nothing to cancel
+                        self.fail("Watch stream ended by the server".to_string())
+                    }
+                    Err(status) => {
+                        self.stream = None;
+                        self.fail(describe(&status, self.spec.timeout))
+                    }
                 },
-                _ = tokio::time::sleep_until(drop_at.unwrap_or_else(far_future)), if drop_at.is_some() => {
-                    // Still not serving: let go of the stream (a server in graceful
-                    // shutdown waits for it) and look again at once.
-                    self.stream = None;
-                    self.drop_at = None;
+                _ = sleep_until(first_deadline.unwrap_or_else(far_future)), if first_deadline.is_some() => {
+                    let why = format!("no Watch status within {} of opening", humantime::format_duration(self.spec.timeout));
+                    return self.fail(why);
+                }
+                _ = sleep_until(drop_at.unwrap_or_else(far_future)), if drop_at.is_some() => {
+                    // Still not serving after the grace: let go of the stream
+                    // (a server in graceful shutdown waits for it), once, and
+                    // follow with unary Checks, the first at once.
+                    self.drop_stream();
+                    self.follow_at(Instant::now());
                     continue;
                 }
                 changed = self.beats.changed() => {
@@ -184,10 +241,10 @@ impl Probe {
                     let beat = self.beats.borrow_and_update().clone();
                     match (beat.error, &self.last) {
                         // The server stopped answering: this stream is as good as dead.
-                        (Some(e), _) if self.drop_at.is_none() => return self.fail(e),
-                        (Some(e), _) => return Observation { ok: false, output: e, latency: None },
+                        (Some(e), _) => return self.fail(e),
                         // Alive and the stream is quiet: its last word still holds.
                         (None, Some(last)) => return last.clone(),
+                        // No word yet: the first-message deadline bounds the wait.
                         (None, None) => continue,
                     }
                 }
@@ -195,30 +252,71 @@ impl Probe {
         }
     }
 
-    /// A failure in watch mode: drop the stream and back off before re-opening it.
-    fn fail(&mut self, output: String) -> Observation {
-        self.stream = None;
+    /// Open a Watch stream. `None` when it is open; else the observation
+    /// to report (a failure, or the first poll after falling back to it).
+    async fn open(&mut self) -> Option<Observation> {
+        let req = HealthCheckRequest { service: self.spec.service.clone() };
+        self.opened = Some(Instant::now());
+        // Liveness results from before this stream do not concern it.
+        self.beats.borrow_and_update();
         self.last = None;
-        self.backoff.next_delay();
+        self.drop_at = None;
+        match timeout(self.spec.timeout, rpc::watch(self.lease.channel(), tonic::Request::new(req))).await {
+            Err(_) => Some(self.fail(format!("deadline exceeded after {} opening Watch", humantime::format_duration(self.spec.timeout)))),
+            Ok(Err(status)) if status.code() == Code::Unimplemented => {
+                if !self.logged_fallback {
+                    tracing::warn!(target = %self.spec.target, "server does not implement grpc.health.v1 Watch; polling Check instead");
+                    self.logged_fallback = true;
+                }
+                self.watching = false;
+                self.opened = None;
+                self.backoff.reset();
+                Some(self.next_poll().await)
+            }
+            Ok(Err(status)) => Some(self.fail(describe(&status, self.spec.timeout))),
+            Ok(Ok(resp)) => {
+                self.stream = Some(resp.into_inner());
+                None
+            }
+        }
+    }
+
+    /// A failure in watch mode: let go of the stream, if one is still open,
+    /// and follow with Checks after the next backoff delay.
+    fn fail(&mut self, output: String) -> Observation {
+        self.drop_stream();
+        let delay = jitter(self.backoff.next_delay());
+        self.follow_at(Instant::now() + delay);
         Observation { ok: false, output, latency: None }
     }
 
     async fn check(&mut self) -> Observation {
+        self.check_answered().await.0
+    }
+
+    /// One unary Check, and whether the server itself answered it (a status,
+    /// or an error of its own), as opposed to the transport or a deadline.
+    async fn check_answered(&mut self) -> (Observation, bool) {
         let mut req = tonic::Request::new(HealthCheckRequest { service: self.spec.service.clone() });
         req.set_timeout(self.spec.timeout);
         let started = Instant::now();
-        let mut obs = match timeout(self.spec.timeout, rpc::check(self.lease.channel(), req)).await {
-            Err(_) => Observation {
-                ok: false,
-                output: format!("deadline exceeded after {}", humantime::format_duration(self.spec.timeout)),
-                latency: None,
-            },
-            Ok(Err(status)) => Observation { ok: false, output: describe(&status, self.spec.timeout), latency: None },
-            Ok(Ok(resp)) => observe_status(resp.into_inner().status),
+        let (mut obs, answered) = match timeout(self.spec.timeout, rpc::check(self.lease.channel(), req)).await {
+            Err(_) => {
+                let output = format!("deadline exceeded after {}", humantime::format_duration(self.spec.timeout));
+                (Observation { ok: false, output, latency: None }, false)
+            }
+            Ok(Err(status)) => {
+                (Observation { ok: false, output: describe(&status, self.spec.timeout), latency: None }, server_answered(&status))
+            }
+            Ok(Ok(resp)) => (observe_status(resp.into_inner().status), true),
         };
         obs.latency = Some(started.elapsed());
-        obs
+        (obs, answered)
     }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400)
 }
 
 /// The endpoint of `host:port`, over TLS when `tls` is set. A certificate that
@@ -304,5 +402,116 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::transport::server::TcpIncoming;
+    use tonic::transport::Server;
+    use tonic_health::server::health_reporter;
+
+    fn spec(target: String, interval: Duration) -> CheckSpec {
+        CheckSpec {
+            target,
+            service: "svc".into(),
+            mode: CheckMode::Watch,
+            interval,
+            timeout: Duration::from_secs(2),
+            rise: 1,
+            fall: 1,
+            tls: None,
+        }
+    }
+
+    /// The next observation, within a bound.
+    async fn next(probe: &mut Probe) -> Observation {
+        timeout(Duration::from_secs(5), probe.next()).await.expect("an observation within 5 s")
+    }
+
+    /// A NOT_SERVING episode costs the server at most one cancelled Watch
+    /// stream: the probe follows it with unary Checks, and opens a Watch again
+    /// only once a Check says SERVING.
+    #[tokio::test]
+    async fn one_cancellation_per_not_serving_episode() {
+        let (reporter, service) = health_reporter();
+        reporter.set_service_status("svc", tonic_health::ServingStatus::Serving).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(Server::builder().add_service(service).serve_with_incoming(TcpIncoming::from(listener)));
+
+        let connections = Connections::new();
+        let mut probe = Probe::new(spec(addr.to_string(), Duration::from_millis(200)), &connections).unwrap();
+        assert!(next(&mut probe).await.ok);
+
+        for episode in 1..=2u64 {
+            reporter.set_service_status("svc", tonic_health::ServingStatus::NotServing).await;
+            let started = Instant::now();
+            let first = next(&mut probe).await;
+            assert_eq!(first.output, "NOT_SERVING");
+            // Well past the grace: the stream is dropped once, then Checks follow.
+            let mut failures = 0;
+            while started.elapsed() < NOT_SERVING_GRACE * 2 {
+                let obs = next(&mut probe).await;
+                assert!(!obs.ok, "{obs:?}");
+                failures += 1;
+            }
+            assert!(probe.stream.is_none(), "the stream is let go after the grace");
+            assert!(failures >= 2, "the service is followed with Checks while it is not serving ({failures})");
+            assert_eq!(probe.cancels(), episode, "one cancelled stream per episode");
+
+            reporter.set_service_status("svc", tonic_health::ServingStatus::Serving).await;
+            let back = next(&mut probe).await;
+            assert!(back.ok, "a Check sees SERVING again: {back:?}");
+            // Then a new Watch, whose first message confirms it.
+            let watched = next(&mut probe).await;
+            assert!(watched.ok && probe.stream.is_some(), "{watched:?}");
+            assert_eq!(probe.cancels(), episode);
+        }
+        server.abort();
+    }
+
+    /// A quick return to SERVING within the grace is seen on the open stream:
+    /// nothing is cancelled.
+    #[tokio::test]
+    async fn a_short_not_serving_blip_keeps_the_stream() {
+        let (reporter, service) = health_reporter();
+        reporter.set_service_status("svc", tonic_health::ServingStatus::Serving).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(Server::builder().add_service(service).serve_with_incoming(TcpIncoming::from(listener)));
+        let connections = Connections::new();
+        let mut probe = Probe::new(spec(addr.to_string(), Duration::from_secs(5)), &connections).unwrap();
+        assert!(next(&mut probe).await.ok);
+        reporter.set_service_status("svc", tonic_health::ServingStatus::NotServing).await;
+        assert!(!next(&mut probe).await.ok);
+        reporter.set_service_status("svc", tonic_health::ServingStatus::Serving).await;
+        assert!(next(&mut probe).await.ok);
+        assert!(probe.stream.is_some());
+        assert_eq!(probe.cancels(), 0);
+        server.abort();
+    }
+
+    /// A server that is not there: the probe fails and retries with Checks
+    /// paced by backoff, never faster.
+    #[tokio::test]
+    async fn a_refused_connection_is_retried_with_backoff() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let connections = Connections::new();
+        let mut probe = Probe::new(spec(format!("127.0.0.1:{port}"), Duration::from_millis(400)), &connections).unwrap();
+        let started = Instant::now();
+        let mut n = 0;
+        while started.elapsed() < Duration::from_millis(1500) {
+            let obs = next(&mut probe).await;
+            assert!(!obs.ok);
+            n += 1;
+        }
+        // 50, 100, 200, 400, 400… ms (±20 %): at most about 7 attempts in 1.5 s.
+        assert!(n <= 8, "{n} attempts in 1.5 s");
+        assert_eq!(probe.cancels(), 0);
     }
 }

@@ -4,12 +4,18 @@ use super::conn::Connections;
 use super::probe::Probe;
 use super::threshold::Threshold;
 use super::{Health, Status};
+use crate::backoff::{jitter, Backoff};
 use crate::config::CheckSpec;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Telemetry;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// Retries of a probe that cannot be built: doubling from the first to the cap, jittered.
+const BUILD_RETRY_FIRST: Duration = Duration::from_millis(500);
+const BUILD_RETRY_CAP: Duration = Duration::from_secs(30);
 
 /// A health change of one service, sent to the reconciler.
 #[derive(Debug, Clone)]
@@ -31,14 +37,37 @@ pub async fn supervise(
     telemetry: Arc<Telemetry>,
 ) {
     let latency = telemetry.metrics.check_duration.get_or_create_owned(&Metrics::service(&id));
-    let mut probe = match Probe::new(spec.clone(), &connections) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = tx.send(HealthChange { id, generation, health: Health::critical(e) }).await;
-            return;
+    // A probe that cannot be built yet (a CA, certificate or key file not
+    // there yet) is critical meanwhile, and built again with backoff: the
+    // files are read anew each time, so they are picked up when they appear.
+    let mut retry = Backoff::new(BUILD_RETRY_FIRST, BUILD_RETRY_CAP);
+    let mut reported: Option<String> = None;
+    let mut probe = loop {
+        match Probe::new(spec.clone(), &connections) {
+            Ok(p) => break p,
+            Err(e) => {
+                if reported.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(service = %id, error = %e, "cannot build the health probe; retrying");
+                    let change = HealthChange { id: id.clone(), generation, health: Health::critical(e.clone()) };
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tx.send(change) => {}
+                    }
+                    reported = Some(e);
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(jitter(retry.next_delay())) => {}
+                }
+            }
         }
     };
+    // A critical result reported while the probe could not be built counts
+    // as the current state: the next change is a change from it.
     let mut threshold = Threshold::new(spec.rise, spec.fall);
+    if reported.is_some() {
+        threshold.assume(Status::Critical);
+    }
     loop {
         let obs = tokio::select! {
             _ = cancel.cancelled() => return,

@@ -21,6 +21,12 @@ impl Threshold {
         self.state
     }
 
+    /// Take `status` as already decided (reported by other means), so that
+    /// only a change from it is reported.
+    pub fn assume(&mut self, status: Status) {
+        self.state = Some(status);
+    }
+
     /// Feed one observation; returns the new state when it changes.
     pub fn observe(&mut self, ok: bool) -> Option<Status> {
         let next = if ok {

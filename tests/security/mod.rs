@@ -95,3 +95,30 @@ fn etcd_over_mtls() {
     let _tether = setup.start();
     wait_for(T, "the key over mTLS", || etcd.get_prefix("services/alpha/").first().map(|_| ()));
 }
+
+/// A probe that cannot be built at start (its CA file is not there yet) is
+/// critical with the reason, and is built again with backoff: when the file
+/// appears the service turns passing without its file being touched.
+#[test]
+fn a_ca_file_that_appears_later_is_picked_up() {
+    let pki = Pki::new();
+    let consul = Consul::start();
+    let server = HealthServer::start_tls(&pki, false);
+    let setup = Setup::consul(&consul, "");
+    let ca = setup.dir.path().join("later-ca.pem");
+    setup.write_service(
+        "late.toml",
+        &format!(
+            "name = \"late\"\nid = \"late\"\nport = {}\n[check]\ninterval = \"500ms\"\ntls = true\nca_file = \"{}\"\nserver_name = \"localhost\"\n",
+            server.port,
+            ca.display()
+        ),
+    );
+    let _tether = setup.start();
+    wait_for(T, "late to be critical because its CA file is missing", || {
+        let (status, output) = consul.health("late")?;
+        (status == "critical" && output.contains("later-ca.pem")).then_some(())
+    });
+    std::fs::copy(pki.path("ca.pem"), &ca).unwrap();
+    consul.wait_health("late", "passing", T);
+}
