@@ -48,6 +48,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .with_context(|| format!("{}: cannot listen on {addr} (listen)", config.path.display()))?;
     }
     let drains = lock.path.with_extension("drained");
+    // Drains an older tether kept under its name for the file are read too.
+    control::DrainFile::adopt_legacy(&lock.legacy_path.with_extension("drained"), &drains);
     let pipeline = Pipeline { config: &config, reload, sighup, shutdown, telemetry, drains };
     match &config.backend {
         BackendConfig::Consul(c) => {

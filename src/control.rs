@@ -122,9 +122,11 @@ pub fn request(socket: &Path, request: &Request) -> Result<Response, String> {
     serde_json::from_str(&answer).map_err(|e| format!("{}: bad answer {answer:?}: {e}", socket.display()))
 }
 
-/// The drained service ids of one identity, in `<runtime_dir>/<identity>.drained`
-/// (a JSON array). The reconciler is its only user: it reads it once at start
-/// and, after a request or a new set of services changed it, rewrites it once
+/// The drained service ids of one identity, in
+/// `<runtime_dir>/<identity>-<registry hash>.drained`, beside the identity
+/// lock and named like it ([`crate::identity::lock_path`]; a JSON array).
+/// The reconciler is its only user: it reads it once at start and, after a
+/// request or a new set of services changed it, rewrites it once
 /// ([`DrainFile::save`]: a few bytes on a tmpfs, written to a temporary file
 /// and renamed).
 #[derive(Debug)]
@@ -148,6 +150,33 @@ impl DrainFile {
             BTreeSet::new()
         });
         DrainFile { path, ids, dirty: false }
+    }
+
+    /// Upgrade from an older tether, which named the file with std's
+    /// `DefaultHasher` ([`crate::identity::legacy_lock_path`]): if a file is at
+    /// `legacy` and none at `path`, move it there (one rename: the drains read,
+    /// written under the new name and gone from the old in one step). Should
+    /// both exist (a downgrade, then an upgrade again) the newer one is kept.
+    /// Either way nothing is left at `legacy`. Called before [`DrainFile::load`],
+    /// with the identity lock held.
+    pub fn adopt_legacy(legacy: &Path, path: &Path) {
+        let Ok(old) = std::fs::metadata(legacy) else { return };
+        if legacy == path {
+            return;
+        }
+        let newer = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(_) => false,
+            Ok(new) => matches!((old.modified(), new.modified()), (Ok(o), Ok(n)) if o > n),
+        };
+        let done = if newer { std::fs::rename(legacy, path) } else { std::fs::remove_file(legacy) };
+        match done {
+            Ok(()) if newer => tracing::info!(from = %legacy.display(), to = %path.display(), "kept drains moved to their new file name"),
+            Ok(()) => tracing::info!(file = %legacy.display(), "older kept drains removed (the file under the new name is newer)"),
+            Err(e) => {
+                tracing::warn!(file = %legacy.display(), error = %e, "cannot move the drains an older tether kept; they are not read")
+            }
+        }
     }
 
     pub fn contains(&self, id: &str) -> bool {
@@ -184,6 +213,35 @@ impl DrainFile {
 #[cfg(test)]
 mod tests {
     use super::DrainFile;
+
+    #[test]
+    fn drains_kept_under_the_legacy_name_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (legacy, path) = (dir.path().join("node-a-292b0a86b95d622f.drained"), dir.path().join("node-a-ea05b11a00d198d5.drained"));
+        DrainFile::adopt_legacy(&legacy, &path);
+        assert!(!path.exists(), "nothing to adopt: nothing written");
+
+        // An older tether left its drains: they are read under the new name.
+        std::fs::write(&legacy, r#"["alpha"]"#).unwrap();
+        DrainFile::adopt_legacy(&legacy, &path);
+        assert!(!legacy.exists(), "the legacy file is gone");
+        let d = DrainFile::load(path.clone());
+        assert!(d.contains("alpha") && !d.contains("beta"));
+
+        // Both (an older tether ran again in between): the newer one wins.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::write(&legacy, r#"["beta"]"#).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        DrainFile::adopt_legacy(&legacy, &path);
+        assert!(!legacy.exists());
+        assert!(DrainFile::load(path.clone()).contains("beta"), "the legacy file was newer");
+        std::fs::write(&legacy, r#"["gamma"]"#).unwrap();
+        std::fs::File::options().write(true).open(&legacy).unwrap().set_modified(old).unwrap();
+        DrainFile::adopt_legacy(&legacy, &path);
+        assert!(!legacy.exists(), "an older legacy file is removed");
+        let d = DrainFile::load(path);
+        assert!(d.contains("beta") && !d.contains("gamma"), "the new file was newer");
+    }
 
     #[test]
     fn drains_survive_a_reload_of_the_file_and_garbage_means_none() {
