@@ -486,6 +486,11 @@ async fn status(config: &std::path::Path, json: bool) -> ExitCode {
             s.since.as_deref().unwrap_or("-"),
             s.output
         );
+        if let Some(e) = &s.last_error {
+            let class = s.error_class.as_deref().unwrap_or("unknown");
+            let next = s.next_attempt.as_deref().map(|t| format!("; next attempt {t}")).unwrap_or_default();
+            println!("{:<28} registry error ({class}): {e}{next}", "");
+        }
     }
     for e in &st.config_errors {
         println!("config error: {e}");

@@ -30,7 +30,7 @@ use crate::control::{self, DrainState};
 use crate::health::conn::Connections;
 use crate::health::supervisor::{supervise, HealthChange};
 use crate::health::{Health, Status};
-use crate::registry::{AgentInfo, ErrorKind, Registry, RegistryError, RemoteEntry, View, Write};
+use crate::registry::{AgentInfo, ErrorClass, ErrorKind, Outcome, Registry, RegistryError, RemoteEntry, View, Write};
 use crate::telemetry::metrics::{unix_now, Metrics};
 use crate::telemetry::status::{rfc3339, ServiceStatus};
 use crate::telemetry::{systemd, Telemetry};
@@ -51,6 +51,14 @@ pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(30);
 /// Retry delays after registry errors: doubling from the first to the cap, jittered.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(10);
+/// Retry delays after a refusal that cannot change until a person acts (an
+/// ACL denial, an invalid request): doubling from the first to the cap, jittered.
+const REFUSED_FIRST: Duration = Duration::from_secs(5);
+const REFUSED_CAP: Duration = Duration::from_secs(5 * 60);
+/// While a refusal lasts it is logged once, then reminded at most this often.
+const REMIND_EVERY: Duration = Duration::from_secs(5 * 60);
+/// While some write is refused, how often the credential files are looked at.
+const CREDENTIALS_EVERY: Duration = Duration::from_secs(1);
 /// The loop turns at least this often when idle (the loop-alive mark that
 /// `/healthz` reads, well inside its [`LOOP_STUCK_AFTER`]); more often only
 /// for systemd's watchdog. Every idle wake-up costs a sidecar CPU.
@@ -86,6 +94,16 @@ enum Desired {
     },
 }
 
+/// A service whose last write the registry refused with an error retrying
+/// cannot heal: it waits with backoff of minutes, and nothing else does.
+struct Refused {
+    backoff: Backoff,
+    /// No write of this service before this.
+    until: Instant,
+    /// When the refusal was last logged at WARN.
+    warned: Instant,
+}
+
 struct Entry {
     spec: Arc<ServiceSpec>,
     /// Latest decided health from the probe; `None` before the first result.
@@ -98,7 +116,8 @@ struct Entry {
     /// A write of this service is with the writer; its outcome re-syncs it.
     in_flight: bool,
     last_write_at: Option<SystemTime>,
-    last_error: Option<String>,
+    last_error: Option<(ErrorClass, String)>,
+    refused: Option<Refused>,
     /// Taken out of the healthy set by `tether drain`, whatever its health.
     drained: bool,
     generation: u64,
@@ -119,6 +138,15 @@ pub struct Reconciler<R: Registry> {
     sync_due: bool,
     next_anti_entropy: Instant,
     retry: Backoff,
+    /// Backoff of anti-entropy after refusals (see [`REFUSED_FIRST`]), and
+    /// when such a refusal was last logged at WARN.
+    retry_refused: Backoff,
+    refused_warned: Option<Instant>,
+    /// How many services wait after a refusal; while any do, the credential
+    /// files are looked at every [`CREDENTIALS_EVERY`].
+    refused: usize,
+    credentials: Vec<crate::config::tls::Stamp>,
+    next_credentials_check: Instant,
     /// Services with no health result yet, and when the last of their
     /// first-result graces ends.
     undecided: usize,
@@ -183,6 +211,11 @@ impl<R: Registry> Reconciler<R> {
             sync_due: true,
             next_anti_entropy: now + Duration::from_secs(86400),
             retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
+            retry_refused: Backoff::new(REFUSED_FIRST, REFUSED_CAP),
+            refused_warned: None,
+            refused: 0,
+            credentials: Vec::new(),
+            next_credentials_check: now,
             ae_report: None,
             undecided: 0,
             undecided_until: now,
@@ -269,6 +302,7 @@ impl<R: Registry> Reconciler<R> {
                     self.next_anti_entropy = crate::timer::after(self.anti_entropy_every);
                 }
                 _ = sleep_until(timer.unwrap_or(tick)), if timer.is_some() => self.fire_timers(),
+                _ = sleep_until(self.next_credentials_check), if self.refused > 0 => self.check_credentials(),
                 _ = sleep_until(tick) => {}
             }
         }
@@ -344,6 +378,9 @@ impl<R: Registry> Reconciler<R> {
         let removed: Vec<String> = self.entries.keys().filter(|id| !set.contains_key(*id)).cloned().collect();
         for id in removed {
             let entry = self.entries.remove(&id).expect("present");
+            if entry.refused.is_some() {
+                self.refused -= 1;
+            }
             if entry.health.is_none() {
                 self.undecided -= 1;
             }
@@ -369,6 +406,10 @@ impl<R: Registry> Reconciler<R> {
                 Some(entry) if *entry.spec == spec => continue,
                 Some(entry) => {
                     tracing::info!(service = %id, file = %spec.file.display(), "service file changed");
+                    // A refused write is tried again at once with the new file.
+                    if entry.refused.take().is_some() {
+                        self.refused -= 1;
+                    }
                     let restart = entry.spec.check != spec.check;
                     if restart {
                         entry.probe.cancel();
@@ -407,6 +448,7 @@ impl<R: Registry> Reconciler<R> {
                             in_flight: false,
                             last_write_at: None,
                             last_error: None,
+                            refused: None,
                             drained,
                             generation: self.generation,
                             probe,
@@ -524,6 +566,10 @@ impl<R: Registry> Reconciler<R> {
         if entry.in_flight {
             return; // re-synced when the write finishes
         }
+        if entry.refused.as_ref().is_some_and(|r| Instant::now() < r.until) {
+            self.queue.remove(id); // tried again when its retry timer fires
+            return;
+        }
         match self.needed_write(entry) {
             Some(w) => {
                 if !urgent {
@@ -538,18 +584,19 @@ impl<R: Registry> Reconciler<R> {
     fn on_done(&mut self, done: Done) {
         self.writer_busy = false;
         match done {
-            Done::Writes { writes, done, error } => self.on_writes(writes, done, error),
+            Done::Writes { writes, outcomes } => self.on_writes(writes, outcomes),
             Done::Sync(agent, Ok(remote)) => self.on_synced(agent, remote),
             Done::Sync(_, Err(e)) => self.registry_error("anti-entropy (reading the registry)", e),
         }
     }
 
-    fn on_writes(&mut self, writes: Vec<Write>, done: usize, error: Option<RegistryError>) {
+    fn on_writes(&mut self, writes: Vec<Write>, outcomes: Vec<Outcome>) {
         let mut failed = None;
-        for (i, w) in writes.into_iter().enumerate() {
+        for (w, outcome) in writes.into_iter().zip(outcomes) {
             let id = w.id().to_string();
+            let done = matches!(outcome, Outcome::Done);
             let Some(entry) = self.entries.get_mut(&id) else {
-                match (&w, i < done) {
+                match (&w, done) {
                     (Write::Deregister { .. }, true) => tracing::info!(service = %id, "deregistered"),
                     // Its file went while the write was out: remove it now.
                     (Write::Register { spec, .. } | Write::Health { spec, .. }, true) if !self.stale => {
@@ -560,9 +607,13 @@ impl<R: Registry> Reconciler<R> {
                 continue;
             };
             entry.in_flight = false;
-            if i < done {
+            if done {
                 entry.last_write_at = Some(SystemTime::now());
                 entry.last_error = None;
+                if entry.refused.take().is_some() {
+                    self.refused -= 1;
+                    tracing::info!(service = %id, "the registry accepts this service's writes again");
+                }
                 self.telemetry.metrics.service_last_write.get_or_create(&Metrics::service(&id)).set(unix_now());
                 match w {
                     Write::Deregister { .. } => {
@@ -591,10 +642,39 @@ impl<R: Registry> Reconciler<R> {
                         }
                     }
                 }
-            } else if i == done {
-                if let Some(e) = &error {
-                    entry.last_error = Some(e.to_string());
-                    failed = Some((id.clone(), e.clone()));
+            } else if let Outcome::Failed(e) = outcome {
+                entry.last_error = Some((e.kind.class(), e.to_string()));
+                match e.kind.class() {
+                    ErrorClass::Permanent => {
+                        if entry.refused.is_none() {
+                            self.refused += 1;
+                        }
+                        let fresh = entry.refused.is_none();
+                        let now = Instant::now();
+                        let r = entry.refused.get_or_insert_with(|| Refused {
+                            backoff: Backoff::new(REFUSED_FIRST, REFUSED_CAP),
+                            until: now,
+                            warned: now,
+                        });
+                        let delay = r.backoff.next_delay();
+                        r.until = now + jitter(delay);
+                        self.timers.push(Reverse((r.until, id.clone())));
+                        let retry_in = humantime::format_duration(delay).to_string();
+                        if fresh {
+                            tracing::warn!(service = %id, op = w.op(), error = %e, retry_in = %retry_in,
+                                "the registry refused this service's write; it waits (no other service does) and is tried again with backoff, or at once when its file or the registry credentials change");
+                        } else if now >= r.warned + REMIND_EVERY {
+                            r.warned = now;
+                            tracing::warn!(service = %id, op = w.op(), error = %e, retry_in = %retry_in, "the registry still refuses this service's write");
+                        } else {
+                            tracing::debug!(service = %id, error = %e, retry_in = %retry_in, "the registry still refuses this service's write");
+                        }
+                        if self.refused == 1 && fresh {
+                            self.credentials = self.credential_stamps();
+                            self.next_credentials_check = Instant::now() + CREDENTIALS_EVERY;
+                        }
+                    }
+                    ErrorClass::Transient => failed = Some((id.clone(), e)),
                 }
             }
             self.sync(&id, true);
@@ -607,8 +687,10 @@ impl<R: Registry> Reconciler<R> {
 
     /// Anti-entropy read back: adopt the registry's view, then queue fixes.
     fn on_synced(&mut self, agent: AgentInfo, remote: Vec<RemoteEntry>) {
-        let was_retrying = self.retry.is_retrying();
+        let was_retrying = self.retry.is_retrying() || self.retry_refused.is_retrying();
         self.retry.reset();
+        self.retry_refused.reset();
+        self.refused_warned = None;
         self.stale = false;
         self.next_anti_entropy = Instant::now() + jitter(self.anti_entropy_every);
         if self.agent_synced.as_ref() != Some(&agent) {
@@ -705,6 +787,30 @@ impl<R: Registry> Reconciler<R> {
         let _ = command.reply.send(control::Response { error: None, services });
     }
 
+    fn credential_stamps(&self) -> Vec<crate::config::tls::Stamp> {
+        self.view.credential_files().iter().map(|p| vec![std::fs::metadata(p).and_then(|m| m.modified()).ok()]).collect()
+    }
+
+    /// While writes are refused: when a credential file changed (a new ACL
+    /// token, say), try every refused service again at once.
+    fn check_credentials(&mut self) {
+        self.next_credentials_check = Instant::now() + CREDENTIALS_EVERY;
+        let now = self.credential_stamps();
+        if now == self.credentials {
+            return;
+        }
+        self.credentials = now;
+        tracing::info!(services = self.refused, "registry credentials changed; trying refused writes again");
+        let ids: Vec<String> = self.entries.iter().filter(|(_, e)| e.refused.is_some()).map(|(id, _)| id.clone()).collect();
+        for id in ids {
+            if let Some(r) = self.entries.get_mut(&id).and_then(|e| e.refused.as_mut()) {
+                r.until = Instant::now();
+            }
+            self.sync(&id, true);
+            self.publish(&id);
+        }
+    }
+
     fn on_heartbeat_failed(&mut self, e: RegistryError) {
         if self.stale {
             tracing::debug!(error = %e, "heartbeat failed while re-reading the registry");
@@ -714,19 +820,34 @@ impl<R: Registry> Reconciler<R> {
     }
 
     fn registry_error(&mut self, what: &str, e: RegistryError) {
-        let delay = self.retry.next_delay();
+        let class = e.kind.class();
+        let delay = match class {
+            ErrorClass::Transient => self.retry.next_delay(),
+            ErrorClass::Permanent => self.retry_refused.next_delay(),
+        };
         self.stale = true;
         self.sync_due = false;
         self.queue.clear();
         self.ae_report = None;
         self.next_anti_entropy = Instant::now() + jitter(delay);
-        match e.kind {
-            ErrorKind::Missing => tracing::warn!(error = %e, "{what}: registry lost tether's records; re-registering"),
-            _ => tracing::warn!(error = %e, retry_in = ?delay, "{what} failed"),
+        let retry_in = humantime::format_duration(delay).to_string();
+        match (e.kind, class) {
+            (ErrorKind::Missing, _) => tracing::warn!(error = %e, "{what}: registry lost tether's records; re-registering"),
+            (_, ErrorClass::Transient) => tracing::warn!(error = %e, retry_in = %retry_in, "{what} failed"),
+            (_, ErrorClass::Permanent) => {
+                // Said once, then reminded at most every few minutes.
+                let now = Instant::now();
+                if self.refused_warned.is_none_or(|t| now >= t + REMIND_EVERY) {
+                    self.refused_warned = Some(now);
+                    tracing::warn!(error = %e, retry_in = %retry_in, "{what} refused by the registry; retrying with backoff");
+                } else {
+                    tracing::debug!(error = %e, retry_in = %retry_in, "{what} refused by the registry");
+                }
+            }
         }
         self.telemetry.with_status(|s| {
             s.backend.connected = false;
-            s.backend.last_error = Some(format!("{}: {what}: {e}", rfc3339(SystemTime::now())));
+            s.backend.last_error = Some(format!("{}: {what}: {e} ({})", rfc3339(SystemTime::now()), class.as_str()));
         });
     }
 
@@ -743,7 +864,15 @@ impl<R: Registry> Reconciler<R> {
             registered: e.remote.is_some(),
             last_write: e.last_write_at.map(rfc3339),
             last_heartbeat: None,
-            last_error: e.last_error.clone(),
+            last_error: e.last_error.as_ref().map(|(_, m)| m.clone()),
+            error_class: e.last_error.as_ref().map(|(c, _)| c.as_str().to_string()),
+            next_attempt: match (&e.refused, &e.last_error) {
+                (Some(r), _) => Some(rfc3339(SystemTime::now() + r.until.saturating_duration_since(Instant::now()))),
+                (None, Some((ErrorClass::Transient, _))) if self.stale => {
+                    Some(rfc3339(SystemTime::now() + self.next_anti_entropy.saturating_duration_since(Instant::now())))
+                }
+                _ => None,
+            },
             drained: e.drained,
         };
         self.telemetry.set_service(id, Some(status));
@@ -775,9 +904,16 @@ impl<R: Registry> Reconciler<R> {
             Err(_) => entries.values().map(|e| Write::Deregister { id: e.spec.id.clone(), name: e.spec.name.clone() }).collect(),
         };
         for chunk in owned.chunks(registry.max_batch().max(1)) {
-            if let (_, Some(e)) = registry.apply(chunk).await {
-                tracing::warn!(error = %e, "could not deregister on shutdown; services will expire by TTL");
-                break;
+            let outcomes = registry.apply(chunk).await;
+            let failed = outcomes.iter().find_map(|o| match o {
+                Outcome::Failed(e) => Some(e.clone()),
+                _ => None,
+            });
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, "could not deregister every service on shutdown; those left will expire by TTL");
+                if e.kind.class() == ErrorClass::Transient {
+                    break;
+                }
             }
         }
         if let Err(e) = registry.shutdown(true).await {

@@ -6,7 +6,7 @@
 use super::*;
 use crate::backoff::lock;
 use crate::config::{CheckMode, CheckSpec};
-use crate::registry::{Heartbeat, Result as RegResult};
+use crate::registry::{ErrorKind, Heartbeat, Outcome, Result as RegResult};
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -21,6 +21,12 @@ struct State {
     write_delay: Duration,
     /// Write a new critical status and its reason apart, as Consul does.
     split_reason: bool,
+    /// Services whose writes are refused (as an ACL denial is).
+    refuse: std::collections::BTreeSet<String>,
+    /// Refused writes: (when, id).
+    refused: Vec<(Instant, String)>,
+    /// Fail the next write of any service as unreachable (then clear).
+    unreachable_once: bool,
 }
 
 #[derive(Clone, Default)]
@@ -104,11 +110,22 @@ impl Registry for Memory {
             })
             .collect())
     }
-    async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
+    async fn apply(&mut self, writes: &[Write]) -> Vec<Outcome> {
         let view = self.view();
-        for w in writes {
+        let mut outcomes = vec![Outcome::NotTried; writes.len()];
+        for (i, w) in writes.iter().enumerate() {
             tokio::time::sleep(self.delay()).await;
             let mut s = self.state();
+            if std::mem::take(&mut s.unreachable_once) {
+                outcomes[i] = Outcome::Failed(RegistryError::new(ErrorKind::Unavailable, "connection refused"));
+                return outcomes;
+            }
+            if s.refuse.contains(w.id()) {
+                s.refused.push((Instant::now(), w.id().to_string()));
+                outcomes[i] = Outcome::Failed(RegistryError::new(ErrorKind::Rejected, "403 Permission denied"));
+                continue;
+            }
+            outcomes[i] = Outcome::Done;
             let op = match w {
                 Write::Health { health, was: Some(Status::Critical), .. } if view.split_reason && health.status == Status::Critical => {
                     "set_reason"
@@ -131,7 +148,7 @@ impl Registry for Memory {
                 Write::Maintenance { .. } => {}
             }
         }
-        (writes.len(), None)
+        outcomes
     }
     async fn claim(&mut self) -> RegResult<Option<String>> {
         Ok(None)
@@ -353,5 +370,77 @@ async fn a_reason_written_apart_waits_behind_the_status_writes_of_other_services
     assert_eq!(ops.len(), 80, "a status and a reason per service: {ops:?}");
     assert!(ops[..40].iter().all(|op| *op == "set_health"), "every status before any reason: {ops:?}");
     assert!(ops[40..].iter().all(|op| *op == "set_reason"), "{ops:?}");
+    h.stop().await;
+}
+
+/// A refused service waits with backoff of minutes; its neighbours in the
+/// same batches are written, and still flip at once.
+#[tokio::test(start_paused = true)]
+async fn a_refused_service_backs_off_alone() {
+    let mem = Memory::default();
+    mem.state().refuse.insert("s1".into());
+    let mut h = Harness::start(mem.clone());
+    h.set(&["s0", "s1", "s2"], Duration::from_secs(15)).await;
+    for id in ["s0", "s1", "s2"] {
+        h.health(id, true).await;
+    }
+    h.until(Duration::from_secs(10), "s0 and s2 passing", |s| passing(s, "s0") && passing(s, "s2")).await;
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let attempts: Vec<Duration> = mem.state().refused.iter().map(|(t, _)| *t - start).collect();
+    // 5 s, 10, 20, 40, 80, 160, 300, 300 … (±20 %): about 8 in ten minutes,
+    // where a fixed 200 ms retry would have made 3,000.
+    assert!((4..=10).contains(&attempts.len()), "refused attempts in 10 min: {attempts:?}");
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.windows(2).all(|g| g[1] + Duration::from_secs(1) >= g[0].mul_f64(0.6)), "the waits grow: {gaps:?}");
+    assert!(gaps.iter().all(|g| *g <= REFUSED_CAP.mul_f64(1.21)), "capped: {gaps:?}");
+    // Its neighbours are not held up: a flip is written at once.
+    let before = mem.writes_of("s2").len();
+    h.health("s2", false).await;
+    h.until(Duration::from_secs(1), "s2 critical", |s| s.records["s2"].2.status == Status::Critical).await;
+    assert_eq!(mem.writes_of("s2").len(), before + 1);
+    assert!(!mem.state().records.contains_key("s1"));
+    // Allowed again (a person fixed the policy): its next attempt succeeds.
+    mem.state().refuse.clear();
+    h.until(REFUSED_CAP * 2, "s1 registered", |s| passing(s, "s1")).await;
+    h.stop().await;
+}
+
+/// A refused service's file changes: it is tried again at once.
+#[tokio::test(start_paused = true)]
+async fn a_refused_service_is_tried_again_when_its_file_changes() {
+    let mem = Memory::default();
+    mem.state().refuse.insert("s1".into());
+    let mut h = Harness::start(mem.clone());
+    h.set(&["s0", "s1"], Duration::from_secs(15)).await;
+    h.health("s0", true).await;
+    h.health("s1", true).await;
+    h.until(Duration::from_secs(10), "s1 refused once", |s| s.refused.len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    mem.state().refuse.clear();
+    // The same service with a new port: a changed file.
+    let mut set: BTreeMap<String, ServiceSpec> =
+        ["s0", "s1"].iter().map(|id| (id.to_string(), spec(id, Duration::from_secs(15)))).collect();
+    set.get_mut("s1").unwrap().port = 50052;
+    let at = Instant::now();
+    h.desired.send(set).await.unwrap();
+    h.until(Duration::from_secs(1), "s1 registered", |s| passing(s, "s1")).await;
+    assert!(Instant::now() - at < Duration::from_secs(1));
+    h.stop().await;
+}
+
+/// A write lost to an unreachable registry makes the view stale: nothing is
+/// queued until anti-entropy has re-read it, and then the write is retried.
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_registry_is_re_read_then_the_write_retried() {
+    let mem = Memory::default();
+    let mut h = Harness::start(mem.clone());
+    h.all_passing(2).await;
+    let syncs = mem.state().syncs;
+    mem.state().unreachable_once = true;
+    h.health("s0", false).await;
+    h.until(Duration::from_secs(30), "s0 critical", |s| s.records["s0"].2.status == Status::Critical).await;
+    assert!(mem.state().syncs > syncs, "re-read before the retry");
+    assert!(mem.state().refused.is_empty());
     h.stop().await;
 }

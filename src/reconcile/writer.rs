@@ -6,7 +6,7 @@
 //! and outcomes travel in order, so the reconciler always knows which writes
 //! a listing already reflects.
 
-use crate::registry::{AgentInfo, Registry, RegistryError, RemoteEntry, Write};
+use crate::registry::{AgentInfo, Outcome, Registry, RegistryError, RemoteEntry, Write};
 use crate::telemetry::Telemetry;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -18,11 +18,10 @@ pub enum Work {
 }
 
 pub enum Done {
-    /// The first `done` writes succeeded; `error` is why the next one failed.
+    /// What became of each write, in order (see [`Registry::apply`]).
     Writes {
         writes: Vec<Write>,
-        done: usize,
-        error: Option<RegistryError>,
+        outcomes: Vec<Outcome>,
     },
     Sync(AgentInfo, Result<Vec<RemoteEntry>, RegistryError>),
 }
@@ -33,21 +32,25 @@ pub async fn run<R: Registry>(mut registry: R, mut work: mpsc::Receiver<Work>, d
     while let Some(w) = work.recv().await {
         let outcome = match w {
             Work::Writes(writes) => {
-                let (n, error) = registry.apply(&writes).await;
-                for w in &writes[..n] {
-                    m.op(w.op());
+                let mut outcomes = registry.apply(&writes).await;
+                outcomes.resize(writes.len(), Outcome::NotTried);
+                for (w, o) in writes.iter().zip(&outcomes) {
+                    match o {
+                        Outcome::Done => m.op(w.op()),
+                        Outcome::Failed(e) => {
+                            m.op(w.op());
+                            m.error(w.op(), e.kind);
+                        }
+                        Outcome::NotTried => {}
+                    }
                 }
-                if let (Some(e), Some(w)) = (&error, writes.get(n)) {
-                    m.op(w.op());
-                    m.error(w.op(), e.kind.as_str());
-                }
-                Done::Writes { writes, done: n, error }
+                Done::Writes { writes, outcomes }
             }
             Work::Sync(agent) => {
                 let result = registry.sync_agent(&agent).await;
                 m.op("list");
                 if let Err(e) = &result {
-                    m.error("list", e.kind.as_str());
+                    m.error("list", e.kind);
                 }
                 Done::Sync(agent, result)
             }

@@ -16,7 +16,7 @@
 //! partition, "lease not found", data wiped) is replaced and every key put back
 //! by the next anti-entropy pass: the lease id is part of each fingerprint.
 
-use super::{AgentInfo, ErrorKind, Heartbeat, Registry, RegistryError, RemoteEntry, Result, View, Write};
+use super::{AgentInfo, ErrorClass, ErrorKind, Heartbeat, Outcome, Registry, RegistryError, RemoteEntry, Result, View, Write};
 use crate::config::agent::{credential_path, read_secret};
 use crate::config::tls::Rotation;
 use crate::config::{EtcdConfig, Owner, ServiceSpec};
@@ -167,6 +167,16 @@ fn err(e: etcd_client::Error) -> RegistryError {
         _ => ErrorKind::Unavailable,
     };
     RegistryError::new(kind, format!("etcd: {e}"))
+}
+
+/// The outcomes of a batch whose first write failed with `e` and whose
+/// others were not tried.
+fn failed_batch(n: usize, e: RegistryError) -> Vec<Outcome> {
+    let mut outcomes = vec![Outcome::NotTried; n];
+    if let Some(first) = outcomes.first_mut() {
+        *first = Outcome::Failed(e);
+    }
+    outcomes
 }
 
 /// Transient failures worth retrying: a member down, no leader, a lost connection.
@@ -378,6 +388,47 @@ impl Etcd {
             .collect()
     }
 
+    /// `writes` in one transaction (retried while the failure is one that
+    /// heals quickly); on success the keys they leave are remembered.
+    async fn txn(&mut self, client: &Client, writes: &[Write], lease: i64) -> Result<()> {
+        let mut ops = Vec::new();
+        let mut left = Vec::new();
+        for w in writes {
+            let (o, key) = self.ops(w, lease);
+            ops.extend(o);
+            left.push((w.id().to_string(), key));
+        }
+        // Puts and deletes are idempotent: the whole transaction may be retried.
+        let result = (|| {
+            let mut c = client.clone();
+            let txn = Txn::new().and_then(ops.clone());
+            async move { c.txn(txn).await }
+        })
+        .retry(backoff())
+        .when(retryable)
+        .await;
+        match result {
+            Ok(_) => {
+                for (id, key) in left {
+                    match key {
+                        Some(k) => self.keys.insert(id, k),
+                        None => self.keys.remove(&id),
+                    };
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let e = err(e);
+                if e.kind == ErrorKind::Missing {
+                    // The lease is gone (expired, or the data was wiped): the
+                    // next anti-entropy pass grants a new one.
+                    let _ = self.view.lease.compare_exchange(lease, 0, Ordering::Relaxed, Ordering::Relaxed);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// The transaction operations of one write, and the key it leaves behind.
     fn ops(&self, w: &Write, lease: i64) -> (Vec<TxnOp>, Option<String>) {
         let mut ops = Vec::new();
@@ -505,54 +556,41 @@ impl Registry for Etcd {
         Ok(self.entries(owned))
     }
 
-    async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
+    async fn apply(&mut self, writes: &[Write]) -> Vec<Outcome> {
         let lease = self.view.lease_id();
         if lease == 0
             && writes
                 .iter()
                 .any(|w| matches!(w, Write::Register { health, .. } | Write::Health { health, .. } if health.status == Status::Passing))
         {
-            return (0, Some(RegistryError::new(ErrorKind::Missing, "etcd: no lease yet")));
+            return failed_batch(writes.len(), RegistryError::new(ErrorKind::Missing, "etcd: no lease yet"));
         }
         let client = match self.client().await {
             Ok(c) => c,
-            Err(e) => return (0, Some(e)),
+            Err(e) => return failed_batch(writes.len(), e),
         };
-        let mut ops = Vec::new();
-        let mut left = Vec::new();
-        for w in writes {
-            let (o, key) = self.ops(w, lease);
-            ops.extend(o);
-            left.push((w.id().to_string(), key));
-        }
-        // Puts and deletes are idempotent: the whole transaction may be retried.
-        let result = (|| {
-            let mut c = client.clone();
-            let txn = Txn::new().and_then(ops.clone());
-            async move { c.txn(txn).await }
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await;
-        match result {
-            Ok(_) => {
-                for (id, key) in left {
-                    match key {
-                        Some(k) => self.keys.insert(id, k),
-                        None => self.keys.remove(&id),
-                    };
+        match self.txn(&client, writes, lease).await {
+            Ok(()) => vec![Outcome::Done; writes.len()],
+            // One refused write fails the whole transaction: try them one by
+            // one, so that its neighbours are not held up by it.
+            Err(e) if e.kind.class() == ErrorClass::Permanent && writes.len() > 1 => {
+                let mut outcomes = Vec::with_capacity(writes.len());
+                for w in writes {
+                    match self.txn(&client, std::slice::from_ref(w), lease).await {
+                        Ok(()) => outcomes.push(Outcome::Done),
+                        Err(e) => {
+                            let transient = e.kind.class() == ErrorClass::Transient;
+                            outcomes.push(Outcome::Failed(e));
+                            if transient {
+                                break;
+                            }
+                        }
+                    }
                 }
-                (writes.len(), None)
+                outcomes.resize(writes.len(), Outcome::NotTried);
+                outcomes
             }
-            Err(e) => {
-                let e = err(e);
-                if e.kind == ErrorKind::Missing {
-                    // The lease is gone (expired, or the data was wiped): the
-                    // next anti-entropy pass grants a new one.
-                    let _ = self.view.lease.compare_exchange(lease, 0, Ordering::Relaxed, Ordering::Relaxed);
-                }
-                (0, Some(e))
-            }
+            Err(e) => failed_batch(writes.len(), e),
         }
     }
 

@@ -67,6 +67,37 @@ impl ErrorKind {
             ErrorKind::Rejected => "rejected",
         }
     }
+
+    /// Whether retrying can help without a person acting.
+    pub fn class(self) -> ErrorClass {
+        match self {
+            ErrorKind::Unavailable | ErrorKind::Missing => ErrorClass::Transient,
+            ErrorKind::Rejected => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// Errors by whether retrying can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Can heal by itself (transport, timeouts, 5xx, 429, a lost leader, lost
+    /// state): the registry is re-read and the writes retried with capped,
+    /// jittered backoff of seconds.
+    Transient,
+    /// Cannot change until a person acts (Consul 400/403/404 on a write, etcd
+    /// permission denied or invalid argument): only the refused service
+    /// waits, with backoff of minutes, and is retried at once when its file
+    /// or the registry credentials change.
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -83,6 +114,16 @@ impl RegistryError {
 }
 
 pub type Result<T> = std::result::Result<T, RegistryError>;
+
+/// What became of one write of a batch given to [`Registry::apply`].
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Done,
+    Failed(RegistryError),
+    /// Not attempted: an earlier write of the batch failed in a way that can
+    /// heal (the registry is unreachable), so the rest were not sent.
+    NotTried,
+}
 
 /// One registry write, as queued by the reconciler and done by its writer.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +181,13 @@ pub trait View: Clone + Send + Sync + 'static {
         let _ = was;
         to.clone()
     }
+
+    /// The files the backend's credentials come from (an ACL token, a
+    /// password, TLS files): when one changes, writes the registry refused
+    /// are tried again at once.
+    fn credential_files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
 }
 
 /// [`View::written`] of a backend that writes a new critical status and its
@@ -181,9 +229,16 @@ pub trait Registry: Send + 'static {
     /// Every service owned by this node.
     fn list(&mut self) -> impl Future<Output = Result<Vec<RemoteEntry>>> + Send;
 
-    /// Do `writes` in order, stopping at the first failure: how many were
-    /// done, and the failure if any.
-    fn apply(&mut self, writes: &[Write]) -> impl Future<Output = (usize, Option<RegistryError>)> + Send;
+    /// Do `writes` in order, and say what became of each: one [`Outcome`]
+    /// per write, in the same order. The contract:
+    ///
+    /// - a failure that can heal ([`ErrorClass::Transient`]) ends the batch:
+    ///   the writes not yet sent are [`Outcome::NotTried`] (writes already
+    ///   in flight beside it report their own outcomes);
+    /// - a failure that cannot ([`ErrorClass::Permanent`]) is its own
+    ///   write's: the others are still done, and never fail because of it
+    ///   (etcd tries the writes of a refused transaction one by one).
+    fn apply(&mut self, writes: &[Write]) -> impl Future<Output = Vec<Outcome>> + Send;
 
     /// Before anything is written: whether another live agent holds this
     /// identity against this registry (`Some(why)`), watching its liveness

@@ -93,7 +93,7 @@ impl Metrics {
         registry.register("heartbeat_duration_seconds", "Round trips of liveness heartbeats", m.heartbeat_seconds.clone());
         registry.register("write_queue", "Registry writes waiting for the writer", m.write_queue.clone());
         registry.register("registry_operations", "Registry operations by backend and kind", m.registry_ops.clone());
-        registry.register("registry_errors", "Failed registry operations by backend, operation and error kind", m.registry_errors.clone());
+        registry.register("registry_errors", "Failed registry operations by backend, operation, error kind and class (transient: retried in seconds; permanent: needs a person)", m.registry_errors.clone());
         registry.register(
             "registry_reconnects",
             "Recoveries after the registry was unreachable or lost tether's records",
@@ -124,8 +124,9 @@ impl Metrics {
         self.registry_ops.get_or_create(&l(&[("backend", &self.backend), ("op", op)])).inc();
     }
 
-    pub fn error(&self, op: &str, kind: &str) {
-        self.registry_errors.get_or_create(&l(&[("backend", &self.backend), ("op", op), ("kind", kind)])).inc();
+    pub fn error(&self, op: &str, kind: crate::registry::ErrorKind) {
+        let labels = l(&[("backend", &self.backend), ("op", op), ("kind", kind.as_str()), ("class", kind.class().as_str())]);
+        self.registry_errors.get_or_create(&labels).inc();
     }
 
     pub fn transition(&self, id: &str, to: &str) {

@@ -41,7 +41,15 @@ pub struct ServiceStatus {
     pub registered: bool,
     pub last_write: Option<String>,
     pub last_heartbeat: Option<String>,
+    /// The last registry error of this service's writes, if the last write failed.
     pub last_error: Option<String>,
+    /// "transient" (heals by itself: retried in seconds) or "permanent" (a
+    /// refusal that needs a person: retried with backoff of minutes).
+    #[serde(default)]
+    pub error_class: Option<String>,
+    /// When its write is tried next (RFC 3339), while it waits after an error.
+    #[serde(default)]
+    pub next_attempt: Option<String>,
     /// Taken out of the healthy set by `tether drain`.
     #[serde(default)]
     pub drained: bool,

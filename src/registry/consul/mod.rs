@@ -19,7 +19,7 @@
 
 pub mod client;
 
-use super::{AgentInfo, ErrorKind, Heartbeat, Registry, RegistryError, RemoteEntry, Result, View, Write};
+use super::{AgentInfo, ErrorClass, ErrorKind, Heartbeat, Outcome, Registry, RegistryError, RemoteEntry, Result, View, Write};
 use crate::config::agent::read_secret;
 use crate::config::duration::go;
 use crate::config::tls::{Rotation, TlsConfig};
@@ -146,6 +146,8 @@ pub fn alias_leak(version: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct ConsulView {
     owner: Owner,
+    /// The ACL token file and TLS files (see [`View::credential_files`]).
+    credentials: Vec<PathBuf>,
 }
 
 /// tether's liveness heartbeat on its own connection.
@@ -159,8 +161,8 @@ pub struct ConsulLane {
 impl Consul {
     pub fn new(address: &str, tls: TlsConfig, owner: &Owner) -> std::result::Result<Self, String> {
         Ok(Consul {
-            conn: Conn::new(address, tls, None)?,
-            view: ConsulView { owner: owner.clone() },
+            conn: Conn::new(address, tls.clone(), None)?,
+            view: ConsulView { owner: owner.clone(), credentials: tls_files(&tls) },
             run: crate::identity::run_id(),
             version_read: false,
         })
@@ -169,6 +171,7 @@ impl Consul {
     /// Read the ACL token from `path` now and again whenever the file changes,
     /// so a rotated token needs no restart.
     pub fn with_token_file(mut self, path: PathBuf) -> Result<Self> {
+        self.view.credentials.push(path.clone());
         self.conn.token_file = Some(path);
         self.conn.refresh()?;
         Ok(self)
@@ -324,22 +327,34 @@ fn health_of(check: &AgentCheck) -> Health {
 fn err(e: ConsulError) -> RegistryError {
     let kind = match &e {
         ConsulError::Transport { .. } => ErrorKind::Unavailable,
+        // An ACL refusal can come back as a 500 from a forwarded RPC.
+        ConsulError::Status { body, .. } if body.contains("Permission denied") || body.contains("ACL not found") => ErrorKind::Rejected,
         ConsulError::Status { status, body, .. }
-            if *status == 404
-                || body.contains("does not have associated TTL")
+            if body.contains("does not have associated TTL")
                 || body.contains("Unknown check")
                 || body.contains("Unknown service")
                 || body.contains("does not exist") =>
         {
             ErrorKind::Missing
         }
-        ConsulError::Status { status, .. } if *status >= 500 => ErrorKind::Unavailable,
+        // Overloaded or failing servers, rate limits: these heal.
+        ConsulError::Status { status, .. } if *status >= 500 || *status == 429 => ErrorKind::Unavailable,
+        // 400, 403, 404 (an unknown path): nothing changes until a person acts.
         _ => ErrorKind::Rejected,
     };
     RegistryError::new(kind, e.to_string())
 }
 
+/// The files of a TLS configuration.
+fn tls_files(tls: &TlsConfig) -> Vec<PathBuf> {
+    [&tls.ca_file, &tls.cert_file, &tls.key_file].into_iter().flatten().cloned().collect()
+}
+
 impl View for ConsulView {
+    fn credential_files(&self) -> Vec<PathBuf> {
+        self.credentials.clone()
+    }
+
     fn keeps_critical(&self) -> bool {
         true
     }
@@ -451,26 +466,33 @@ impl Registry for Consul {
         Ok(self.owned_entries(services, &checks))
     }
 
-    async fn apply(&mut self, writes: &[Write]) -> (usize, Option<RegistryError>) {
+    async fn apply(&mut self, writes: &[Write]) -> Vec<Outcome> {
         // A few writes in flight at once: the agent serialises them, so this
         // gains nothing on loopback, but it hides the round trip to an agent
-        // that is far or slow (measured: the slow-Consul scale test).
+        // that is far or slow (measured: the slow-Consul scale test). Each
+        // write is its own call, so a refused one concerns only itself; a
+        // failure that can heal stops the chunks not yet sent.
         let this = &*self;
-        let mut results = Vec::with_capacity(writes.len());
+        let mut outcomes = Vec::with_capacity(writes.len());
         for chunk in writes.chunks(IN_FLIGHT) {
-            let mut inflight: Vec<WriteFuture<'_>> = Vec::with_capacity(chunk.len());
-            for w in chunk {
-                inflight.push(Box::pin(this.write(w)));
+            let inflight: Vec<WriteFuture<'_>> = chunk.iter().map(|w| Box::pin(this.write(w)) as WriteFuture<'_>).collect();
+            let mut stop = false;
+            for r in futures::future::join_all(inflight).await {
+                outcomes.push(match r {
+                    Ok(()) => Outcome::Done,
+                    Err(e) => {
+                        let e = err(e);
+                        stop |= e.kind.class() == ErrorClass::Transient;
+                        Outcome::Failed(e)
+                    }
+                });
             }
-            results.extend(futures::future::join_all(inflight).await);
-        }
-        for (i, r) in results.into_iter().enumerate() {
-            if let Err(e) = r {
-                // Later writes that succeeded are re-checked by anti-entropy.
-                return (i, Some(err(e)));
+            if stop {
+                break;
             }
         }
-        (writes.len(), None)
+        outcomes.resize(writes.len(), Outcome::NotTried);
+        outcomes
     }
 
     async fn claim(&mut self) -> Result<Option<String>> {
