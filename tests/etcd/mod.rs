@@ -171,3 +171,85 @@ fn three_node_cluster_survives_leader_loss_and_a_member_stop() {
     assert_eq!(etcd.get_prefix("services/").len(), 1, "never a duplicate");
     assert!(!tether.log().contains("lease not found"), "{}", tether.log());
 }
+
+/// etcdctl as root, once auth is on.
+fn ctl_root(etcd: &Etcd, args: &[&str]) -> String {
+    let mut all = vec!["--user=root:rootpw"];
+    all.extend_from_slice(args);
+    etcd.ctl(&all)
+}
+
+fn root_has_key(etcd: &Etcd, key: &str) -> bool {
+    ctl_root(etcd, &["get", key, "--keys-only"]).lines().any(|l| l == key)
+}
+
+/// With auth on and a role that may write only `services/orders/`, a
+/// `billing` service is refused: tether says so once, backs off, shows it in
+/// status, and `orders-1`, whose writes travel in the same transactions,
+/// still flips in milliseconds.
+#[test]
+fn a_refused_service_never_holds_up_its_neighbours() {
+    let etcd = Etcd::start(1);
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["user", "add", "tether:tetherpw"],
+        &["role", "add", "tether"],
+        &["role", "grant-permission", "tether", "--prefix=true", "readwrite", "services/orders/"],
+        &["role", "grant-permission", "tether", "--prefix=true", "read", "services/"],
+        &["role", "grant-permission", "tether", "--prefix=true", "readwrite", "_tether/agents/"],
+        &["user", "grant-role", "tether", "tether"],
+        &["auth", "enable"],
+    ] {
+        etcd.ctl(args);
+    }
+    let mut orders = HealthServer::start(0, &[]);
+    let billing = HealthServer::start(0, &[]);
+    let port = free_port();
+    let setup = Setup::etcd(&etcd, "");
+    std::fs::write(setup.dir.path().join("etcd.password"), "tetherpw\n").unwrap();
+    let config = std::fs::read_to_string(setup.config())
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
+        .replace("[etcd]\n", "[etcd]\nusername = \"tether\"\npassword_file = \"etcd.password\"\n");
+    std::fs::write(setup.config(), config).unwrap();
+    setup.write_service("orders.toml", &service("orders", "orders-1", orders.port, "[check]\ninterval = \"500ms\""));
+    setup.write_service("billing.toml", &service("billing", "billing-1", billing.port, "[check]\ninterval = \"500ms\""));
+    let tether = setup.start();
+    let key = "services/orders/orders-1";
+    wait_for(T, "orders-1 registered", || root_has_key(&etcd, key).then_some(()));
+
+    // The refusal is visible in status, with its class and the next attempt.
+    let status = wait_for(T, "billing-1's refusal in status", || {
+        let out = tether.cli(&["status", "--json"]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let svc = st["services"].as_array()?.iter().find(|s| s["id"] == "billing-1")?.clone();
+        (svc["error_class"] == "permanent").then_some(svc)
+    });
+    assert!(status["last_error"].as_str().unwrap().contains("permission denied"), "{status}");
+    assert!(status["next_attempt"].is_string(), "{status}");
+    let text = tether.cli(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("registry error (permanent)"), "{text}");
+
+    // Its neighbour flips as fast as ever, three times.
+    for _ in 0..3 {
+        orders.set("not_serving");
+        let took = wait_key_root(&etcd, key, false);
+        eprintln!("etcd with a refused neighbour: NOT_SERVING -> key gone in {took:?}");
+        orders.set("serving");
+        let took = wait_key_root(&etcd, key, true);
+        eprintln!("etcd with a refused neighbour: SERVING -> key back in {took:?}");
+    }
+    assert!(!root_has_key(&etcd, "services/billing/billing-1"));
+    // Said once, not five times a second.
+    let log = tether.log();
+    let warns = log.lines().filter(|l| l.contains("WARN") && l.contains("billing-1")).count();
+    assert!((1..=2).contains(&warns), "{warns} WARN lines about billing-1:\n{log}");
+}
+
+fn wait_key_root(etcd: &Etcd, key: &str, present: bool) -> Duration {
+    let start = Instant::now();
+    wait_every(T, Duration::from_millis(5), &format!("{key} present = {present}"), || (root_has_key(etcd, key) == present).then_some(()));
+    start.elapsed()
+}
