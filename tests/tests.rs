@@ -11,6 +11,7 @@ mod instances;
 mod interop;
 mod ops;
 mod package;
+mod python;
 mod scale;
 mod security;
 mod support;
