@@ -7,6 +7,7 @@
 use crate::config::tls::TlsConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,34 @@ struct CheckUpdate<'a> {
     output: &'a str,
 }
 
+/// Resolves `tls_server_name` (the host in the client's URLs) to the addresses
+/// of the configured host, when a connection is made, as reqwest resolves any
+/// other host: with tokio's `lookup_host` (an IP address at once, a name on
+/// tokio's blocking pool), never blocking the runtime's thread. Other names
+/// resolve as themselves.
+struct ServerName {
+    /// `tls_server_name` (compared ignoring ASCII case, as DNS names are).
+    name: String,
+    /// The configured host: a name, an IPv4 address or a bracketed IPv6 one.
+    host: String,
+}
+
+impl reqwest::dns::Resolve for ServerName {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let asked = name.as_str();
+        let host = if asked.eq_ignore_ascii_case(&self.name) { self.host.clone() } else { asked.to_string() };
+        Box::pin(async move {
+            // The port is the URL's (reqwest sets it on every address).
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let addrs: Vec<_> = tokio::net::lookup_host((bare, 0)).await.map_err(|e| format!("cannot resolve {host}: {e}"))?.collect();
+            if addrs.is_empty() {
+                return Err(format!("{host} resolves to nothing").into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// The Consul agent's HTTP API.
 #[derive(Debug, Clone)]
 pub struct ConsulClient {
@@ -141,12 +170,7 @@ impl ConsulClient {
             // Connect to the configured host, but verify (and send SNI for) `name`.
             let url = reqwest::Url::parse(&base).map_err(|e| format!("address: {e}"))?;
             let host = url.host_str().ok_or("address has no host")?;
-            let port = url.port_or_known_default().unwrap_or(443);
-            let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-                .map_err(|e| format!("cannot resolve {host}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("{host} resolves to nothing"))?;
-            builder = builder.resolve(name, addr);
+            builder = builder.dns_resolver(Arc::new(ServerName { name: name.clone(), host: host.to_string() }));
             let mut renamed = url.clone();
             renamed.set_host(Some(name)).map_err(|e| format!("tls_server_name: {e}"))?;
             base = renamed.as_str().trim_end_matches('/').to_string();
@@ -293,4 +317,54 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn named(server_name: &str) -> TlsConfig {
+        TlsConfig { server_name: Some(server_name.to_string()), ..TlsConfig::default() }
+    }
+
+    /// With `tls_server_name`, the client is built without a DNS look-up (it
+    /// used to block the runtime's only thread on one) and its connections go
+    /// to the configured host, resolved when connecting, under the name.
+    #[tokio::test]
+    async fn server_name_connects_to_the_configured_host() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request cut short");
+                request.extend_from_slice(&buf[..n]);
+            }
+            let body = r#"{"Config":{"Version":"1.21.0"}}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        // "localhost": a name, so the look-up goes to tokio's blocking pool.
+        let client = ConsulClient::new(&format!("http://localhost:{port}/"), None, &named("Consul.Example")).unwrap();
+        assert_eq!(client.base, format!("http://consul.example:{port}"));
+        assert_eq!(client.version().await.unwrap(), "1.21.0");
+        let request = server.await.unwrap().to_ascii_lowercase();
+        assert!(request.contains(&format!("host: consul.example:{port}")), "sent under the server name: {request}");
+    }
+
+    #[tokio::test]
+    async fn an_unresolvable_host_is_a_transport_error_naming_it() {
+        let client = ConsulClient::new("http://nonexistent.invalid:8500", None, &named("consul.example")).unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(30), client.version()).await.expect("the look-up ends").unwrap_err();
+        assert!(matches!(e, ConsulError::Transport { .. }), "{e}");
+        assert!(e.to_string().contains("cannot resolve nonexistent.invalid"), "{e}");
+    }
 }
