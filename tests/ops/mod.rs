@@ -156,3 +156,56 @@ fn unit_file_verifies_and_is_hardened() {
     assert!(level <= 2.0, "{line}");
     assert!(unit.contains("Type=notify") && unit.contains("ExecStartPre=/usr/bin/tether validate --agent-only"));
 }
+
+/// The identity's file names as documented (ARCHITECTURE.md, "Identity"):
+/// FNV-1a 64 of `<endpoint>\n<backend>`, computed here on its own.
+fn stable_name(endpoint: &str, backend: &str) -> String {
+    let h =
+        format!("{endpoint}\n{backend}").bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{h:016x}")
+}
+
+/// The names tether used before, with std's DefaultHasher, as its code did.
+fn legacy_name(endpoint: &str, backend: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    endpoint.to_string().hash(&mut h);
+    backend.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+#[test]
+fn a_drain_kept_by_an_older_tether_is_picked_up_after_an_upgrade() {
+    let consul = Consul::start();
+    let server = HealthServer::start(0, &[]);
+    let setup = Setup::consul(&consul, "");
+    for name in ["alpha", "beta"] {
+        setup.write_service(&format!("{name}.toml"), &service(name, server.port));
+    }
+    // What an older tether left in its runtime directory: alpha drained, and
+    // its (free) identity lock.
+    let run = setup.dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let legacy = run.join(format!("node-a-{}", legacy_name(&consul.url(), "Consul")));
+    std::fs::write(legacy.with_extension("drained"), r#"["alpha"]"#).unwrap();
+    std::fs::write(legacy.with_extension("lock"), "1\n").unwrap();
+
+    let mut tether = setup.start();
+    wait_for(T, "alpha in maintenance", || consul.checks().contains_key("_service_maintenance:alpha").then_some(()));
+    consul.wait_health("beta", "passing", T);
+    assert!(tether.log().contains("kept from before tether restarted"), "{}", tether.log());
+    let new = run.join(format!("node-a-{}", stable_name(&consul.url(), "Consul")));
+    assert!(new.with_extension("lock").exists(), "the lock under the documented name");
+    let kept = std::fs::read_to_string(new.with_extension("drained")).unwrap();
+    assert_eq!(kept, r#"["alpha"]"#, "the drain moved to the new name");
+    assert!(!legacy.with_extension("drained").exists() && !legacy.with_extension("lock").exists(), "nothing left under the old names");
+
+    // It stays drained across a restart under the new name, until undrained.
+    tether.signal(Signal::SIGKILL);
+    tether.restart();
+    tether.wait_log("anti-entropy: registry in sync", T);
+    assert!(tether.log().contains("kept from before tether restarted"), "{}", tether.log());
+    let out = tether.cli(&["undrain", "alpha", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(T, "the undrain kept on disk", || (std::fs::read_to_string(new.with_extension("drained")).ok()? == "[]").then_some(()));
+}
