@@ -1,4 +1,4 @@
-//! `tether validate` and `tether check`: messages and exit codes.
+//! `tether validate` and `tether check`: messages and exit codes; the man pages as the README installs them.
 
 use crate::support::*;
 use std::process::Command;
@@ -90,4 +90,54 @@ fn validate_reports_every_error_with_its_place() {
     let (code, out) = run(&["validate", "--config", cfg]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("tether.toml:2:1: both [consul] and [etcd] are set"), "{out}");
+}
+
+/// The README's from-source step for the man pages (the units say
+/// `Documentation=man:tether(1)`), run as written but into a temporary prefix
+/// and with the binary this test build made.
+#[test]
+fn man_pages_install_as_the_readme_says() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let step = readme
+        .lines()
+        .map(|l| l.trim().trim_matches('`'))
+        .find(|l| l.starts_with("target/release/tether-generate man"))
+        .expect("README: the man pages' install step");
+    assert!(step.contains("/usr/local/share/man/man1"), "{step}");
+    let dir = tempfile::tempdir().unwrap();
+    let (out, prefix) = (dir.path().join("target/man"), dir.path().join("usr/local"));
+    let script = step
+        .replace("target/release/tether-generate", env!("CARGO_BIN_EXE_tether-generate"))
+        .replace("target/man", out.to_str().unwrap())
+        .replace("sudo ", "")
+        .replace("/usr/local", prefix.to_str().unwrap());
+    let done = Command::new("sh").args(["-ec", &script]).output().unwrap();
+    assert!(done.status.success(), "{script}: {done:?}");
+    let man1 = prefix.join("share/man/man1");
+    for page in ["tether.1", "tether-run.1", "tether-drain.1"] {
+        assert!(man1.join(page).is_file(), "{page} installed in {}", man1.display());
+    }
+    let source = std::fs::read_to_string(man1.join("tether.1")).unwrap();
+    assert!(source.contains(".SH NAME") && source.contains("tether"), "{source}");
+    // And man finds and renders it there.
+    if Command::new("man").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        let shown = Command::new("man")
+            .arg("-M")
+            .arg(prefix.join("share/man"))
+            .arg("tether")
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+            .unwrap();
+        // Without a terminal, bold and underline may still come as overstrikes ("N\bN", "_\bt").
+        let text = String::from_utf8_lossy(&shown.stdout).chars().fold(String::new(), |mut t, c| {
+            if c == '\u{8}' {
+                t.pop();
+            } else {
+                t.push(c);
+            }
+            t
+        });
+        assert!(shown.status.success() && text.contains("NAME") && text.contains("tether"), "{shown:?}");
+    }
 }
