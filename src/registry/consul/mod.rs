@@ -86,7 +86,8 @@ impl Conn {
     }
 
     /// Pick up rotated TLS files and a changed token file (checked before
-    /// every heartbeat and anti-entropy pass), so neither needs a restart.
+    /// every heartbeat, anti-entropy pass and batch of writes), so neither
+    /// needs a restart.
     fn refresh(&mut self) -> Result<()> {
         if self.rotation.changed(&self.tls) {
             let rotation = Rotation::new(&self.tls);
@@ -472,6 +473,13 @@ impl Registry for Consul {
         // that is far or slow (measured: the slow-Consul scale test). Each
         // write is its own call, so a refused one concerns only itself; a
         // failure that can heal stops the chunks not yet sent.
+        // A rotated token (or TLS files) is used from the next batch on: a
+        // stat per batch.
+        if let Err(e) = self.conn.refresh() {
+            let mut outcomes = vec![Outcome::NotTried; writes.len()];
+            outcomes.fill(Outcome::Failed(e));
+            return outcomes;
+        }
         let this = &*self;
         let mut outcomes = Vec::with_capacity(writes.len());
         for chunk in writes.chunks(IN_FLIGHT) {
