@@ -425,6 +425,18 @@ mod tests {
         }
     }
 
+    /// A tonic-health server on a free port with "svc" SERVING.
+    async fn serve_health() -> (tonic_health::server::HealthReporter, std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let (reporter, service) = health_reporter();
+        reporter.set_service_status("svc", tonic_health::ServingStatus::Serving).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = Server::builder().add_service(service).serve_with_incoming(TcpIncoming::from(listener)).await;
+        });
+        (reporter, addr, server)
+    }
+
     /// The next observation, within a bound.
     async fn next(probe: &mut Probe) -> Observation {
         timeout(Duration::from_secs(5), probe.next()).await.expect("an observation within 5 s")
@@ -435,11 +447,7 @@ mod tests {
     /// only once a Check says SERVING.
     #[tokio::test]
     async fn one_cancellation_per_not_serving_episode() {
-        let (reporter, service) = health_reporter();
-        reporter.set_service_status("svc", tonic_health::ServingStatus::Serving).await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(Server::builder().add_service(service).serve_with_incoming(TcpIncoming::from(listener)));
+        let (reporter, addr, server) = serve_health().await;
 
         let connections = Connections::new();
         let mut probe = Probe::new(spec(addr.to_string(), Duration::from_millis(200)), &connections).unwrap();
@@ -476,11 +484,7 @@ mod tests {
     /// nothing is cancelled.
     #[tokio::test]
     async fn a_short_not_serving_blip_keeps_the_stream() {
-        let (reporter, service) = health_reporter();
-        reporter.set_service_status("svc", tonic_health::ServingStatus::Serving).await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(Server::builder().add_service(service).serve_with_incoming(TcpIncoming::from(listener)));
+        let (reporter, addr, server) = serve_health().await;
         let connections = Connections::new();
         let mut probe = Probe::new(spec(addr.to_string(), Duration::from_secs(5)), &connections).unwrap();
         assert!(next(&mut probe).await.ok);
