@@ -4,6 +4,7 @@
 //! started. Waits are conditions with deadlines, never fixed sleeps.
 
 mod cli;
+mod cluster;
 mod consul;
 mod etcd;
 mod faults;
