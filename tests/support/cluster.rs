@@ -8,11 +8,12 @@
 //! Gossip is encrypted with a key of the cluster's own, so that two clusters
 //! of parallel tests can never join each other, whatever ports they reuse.
 
-use super::{free_port, tool, wait_for, ACL_MASTER};
+use super::{free_port, tool, ACL_MASTER};
 use serde_json::Value;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 /// How long starting (or restarting) any part of the cluster may take.
@@ -26,7 +27,8 @@ pub struct ClusterAgent {
     serf_lan: u16,
     server_port: u16,
     dir: PathBuf,
-    child: Option<Child>,
+    /// In a RefCell so that waits on `&ConsulCluster` can see an agent exit.
+    child: RefCell<Option<Child>>,
 }
 
 impl ClusterAgent {
@@ -41,7 +43,7 @@ impl ClusterAgent {
             serf_lan: free_port(),
             server_port: free_port(),
             dir,
-            child: None,
+            child: RefCell::new(None),
         }
     }
 
@@ -64,6 +66,13 @@ impl ClusterAgent {
     /// Consul's own log so far (all runs of this agent).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The last `n` lines of its log.
+    fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     fn write_config(&self, server: bool, join: &[String], key: &str) {
@@ -101,7 +110,7 @@ impl ClusterAgent {
     }
 
     fn spawn(&mut self) {
-        assert!(self.child.is_none(), "{} is already running", self.name);
+        assert!(!self.running(), "{} is already running", self.name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(tool("consul"))
             .arg("agent")
@@ -111,16 +120,23 @@ impl ClusterAgent {
             .stderr(log)
             .spawn()
             .expect("start consul");
-        self.child = Some(child);
+        *self.child.get_mut() = Some(child);
     }
 
+    /// Started and not stopped by the test (it may have exited by itself: see [`Self::exited`]).
     fn running(&self) -> bool {
-        self.child.is_some()
+        self.child.borrow().is_some()
+    }
+
+    /// Its exit status if it was started and has exited by itself (e.g. a
+    /// port of its was taken between `free_port` and its bind).
+    fn exited(&self) -> Option<ExitStatus> {
+        self.child.borrow_mut().as_mut()?.try_wait().ok().flatten()
     }
 
     /// SIGKILL: a crash.
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.child.get_mut().take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -129,7 +145,7 @@ impl ClusterAgent {
     /// SIGTERM, as `systemctl stop` does (a client agent leaves the cluster
     /// gracefully), then SIGKILL if it is still there after 20 s.
     fn stop(&mut self) {
-        let Some(mut c) = self.child.take() else { return };
+        let Some(mut c) = self.child.get_mut().take() else { return };
         let pid = nix::unistd::Pid::from_raw(c.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let until = Instant::now() + Duration::from_secs(20);
@@ -164,8 +180,34 @@ pub struct ConsulCluster {
 impl ConsulCluster {
     /// Start all five agents and return once there is a leader, both client
     /// agents see the three servers alive and are nodes of the catalog, and
-    /// a write with the master token through each client agent succeeds.
+    /// a write with the master token through each client agent succeeds. If
+    /// an agent exits while starting (one of its free ports was taken
+    /// meanwhile by another test), the whole cluster starts again on new
+    /// ports, up to three times.
     pub fn start() -> ConsulCluster {
+        let started = Instant::now();
+        for attempt in 1.. {
+            let cluster = Self::spawn_all();
+            let ready = cluster.wait_until(START, "a leader and both client agents in the cluster", |c| {
+                c.leader_now()?;
+                c.client_ready(0)?;
+                c.client_ready(1)
+            });
+            match ready {
+                Ok(()) => {
+                    eprintln!("Consul cluster (3 servers, 2 clients) ready in {:?}", started.elapsed());
+                    return cluster;
+                }
+                Err(e) if attempt < 3 && cluster.all().any(|a| a.exited().is_some()) => {
+                    eprintln!("Consul cluster, attempt {attempt}: {e}\nstarting it again on other ports");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn spawn_all() -> ConsulCluster {
         let dir = tempfile::tempdir().unwrap();
         let servers: Vec<ClusterAgent> = (0..3).map(|i| ClusterAgent::new(dir.path(), &format!("server-{i}"), i)).collect();
         let clients = vec![ClusterAgent::new(dir.path(), "client-a", 10), ClusterAgent::new(dir.path(), "client-b", 11)];
@@ -179,15 +221,39 @@ impl ConsulCluster {
         }
         let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
         let mut cluster = ConsulCluster { servers, clients, http, policies: std::cell::Cell::new(0), _dir: dir };
-        let started = Instant::now();
         for a in cluster.servers.iter_mut().chain(cluster.clients.iter_mut()) {
             a.spawn();
         }
-        cluster.leader();
-        cluster.wait_client_ready(0);
-        cluster.wait_client_ready(1);
-        eprintln!("Consul cluster (3 servers, 2 clients) ready in {:?}", started.elapsed());
         cluster
+    }
+
+    fn all(&self) -> impl Iterator<Item = &ClusterAgent> {
+        self.servers.iter().chain(&self.clients)
+    }
+
+    /// Poll `f` every 50 ms until it returns Some, for at most `limit`; an
+    /// agent that exits by itself meanwhile ends the wait at once. The error
+    /// says what was awaited, with the end of every agent's log.
+    fn wait_until<T>(&self, limit: Duration, what: &str, mut f: impl FnMut(&Self) -> Option<T>) -> Result<T, String> {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f(self) {
+                return Ok(v);
+            }
+            let dead: Vec<String> = self.all().filter_map(|a| a.exited().map(|s| format!("{} ({s})", a.name))).collect();
+            if !dead.is_empty() {
+                return Err(format!("waiting for {what}: Consul agent exited: {}\n{}", dead.join(", "), self.log_tails()));
+            }
+            if start.elapsed() > limit {
+                return Err(format!("timed out after {limit:?} waiting for {what}\n{}", self.log_tails()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// [`Self::wait_until`], panicking on failure.
+    fn wait<T>(&self, limit: Duration, what: &str, f: impl FnMut(&Self) -> Option<T>) -> T {
+        self.wait_until(limit, what, f).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn url_a(&self) -> String {
@@ -258,8 +324,8 @@ impl ConsulCluster {
         self.policies.set(n);
         let url = self.url_a();
         let name = format!("test-policy-{n}");
-        let policy = wait_for(START, "Consul to create an ACL policy", || {
-            match self.try_put(&url, "/v1/acl/policy", &serde_json::json!({"Name": name, "Rules": rules})) {
+        let policy = self.wait(START, "Consul to create an ACL policy", |c| {
+            match c.try_put(&url, "/v1/acl/policy", &serde_json::json!({"Name": name, "Rules": rules})) {
                 Ok(p) => Some(p),
                 // Rules Consul does not accept are the caller's mistake: say so at once.
                 Err(e) if e.starts_with("400") => panic!("Consul refused the policy: {e}\n{rules}"),
@@ -267,16 +333,16 @@ impl ConsulCluster {
             }
         });
         let id = policy["ID"].as_str().unwrap().to_string();
-        let token = wait_for(START, "Consul to create an ACL token", || {
-            self.try_put(&url, "/v1/acl/token", &serde_json::json!({"Description": name, "Policies": [{"ID": id}]})).ok()
+        let token = self.wait(START, "Consul to create an ACL token", |c| {
+            c.try_put(&url, "/v1/acl/token", &serde_json::json!({"Description": name, "Policies": [{"ID": id}]})).ok()
         });
         // Client agents resolve a token with a stale read on any server, and
         // cache "ACL not found" for the token TTL (30 s): a token used before
         // every server has it may be refused for that long. Wait for all.
         let accessor = token["AccessorID"].as_str().unwrap();
         for s in self.servers.iter().filter(|s| s.running()) {
-            wait_for(START, &format!("{} to know the new ACL token", s.name), || {
-                self.try_get(&s.url(), &format!("/v1/acl/token/{accessor}?stale")).ok()
+            self.wait(START, &format!("{} to know the new ACL token", s.name), |c| {
+                c.try_get(&s.url(), &format!("/v1/acl/token/{accessor}?stale")).ok()
             });
         }
         token["SecretID"].as_str().unwrap().to_string()
@@ -285,19 +351,21 @@ impl ConsulCluster {
     /// The index of the current leader among `servers`: waits until every
     /// running server names the same leader, and that leader is running.
     pub fn leader(&self) -> usize {
-        wait_for(START, "one Consul leader that every running server agrees on", || {
-            let mut seen = None;
-            for s in self.servers.iter().filter(|s| s.running()) {
-                let v = self.try_get(&s.url(), "/v1/status/leader").ok()?;
-                let port: u16 = v.as_str()?.rsplit(':').next()?.parse().ok()?;
-                let i = self.servers.iter().position(|s| s.server_port == port)?;
-                if seen.is_some_and(|l| l != i) {
-                    return None;
-                }
-                seen = Some(i);
+        self.wait(START, "one Consul leader that every running server agrees on", |c| c.leader_now())
+    }
+
+    fn leader_now(&self) -> Option<usize> {
+        let mut seen = None;
+        for s in self.servers.iter().filter(|s| s.running()) {
+            let v = self.try_get(&s.url(), "/v1/status/leader").ok()?;
+            let port: u16 = v.as_str()?.rsplit(':').next()?.parse().ok()?;
+            let i = self.servers.iter().position(|s| s.server_port == port)?;
+            if seen.is_some_and(|l| l != i) {
+                return None;
             }
-            seen.filter(|&i| self.servers[i].running())
-        })
+            seen = Some(i);
+        }
+        seen.filter(|&i| self.servers[i].running())
     }
 
     /// SIGKILL server `i` (its data stays).
@@ -334,22 +402,24 @@ impl ConsulCluster {
         eprintln!("client agent A restarted ({}) in {:?}", if keep_data { "with its data" } else { "wiped" }, started.elapsed());
     }
 
-    /// Client `i` sees the three servers alive, is a node of the catalog,
+    fn wait_client_ready(&self, i: usize) {
+        self.wait(START, &format!("Consul client agent {} to join the cluster", self.clients[i].name), |c| c.client_ready(i));
+    }
+
+    /// Client `i` sees the running servers alive, is a node of the catalog,
     /// and takes a write with the master token (ACLs resolved through the
     /// servers).
-    fn wait_client_ready(&self, i: usize) {
+    fn client_ready(&self, i: usize) -> Option<()> {
         let c = &self.clients[i];
         let url = c.url();
-        wait_for(START, &format!("Consul client agent {} to join the cluster", c.name), || {
-            let members = self.try_get(&url, "/v1/agent/members").ok()?;
-            let alive_servers = members.as_array()?.iter().filter(|m| m["Tags"]["role"] == "consul" && m["Status"] == 1).count();
-            if alive_servers < self.servers.iter().filter(|s| s.running()).count() {
-                return None;
-            }
-            let node = self.try_get(&url, &format!("/v1/catalog/node/{}", c.name)).ok()?;
-            node["Node"]["ID"].as_str().filter(|id| *id == c.node_id)?;
-            self.try_put(&url, &format!("/v1/kv/tether-tests/ready/{}", c.name), &serde_json::json!("ok")).ok()
-        });
+        let members = self.try_get(&url, "/v1/agent/members").ok()?;
+        let alive_servers = members.as_array()?.iter().filter(|m| m["Tags"]["role"] == "consul" && m["Status"] == 1).count();
+        if alive_servers < self.servers.iter().filter(|s| s.running()).count() {
+            return None;
+        }
+        let node = self.try_get(&url, &format!("/v1/catalog/node/{}", c.name)).ok()?;
+        node["Node"]["ID"].as_str().filter(|id| *id == c.node_id)?;
+        self.try_put(&url, &format!("/v1/kv/tether-tests/ready/{}", c.name), &serde_json::json!("ok")).ok().map(drop)
     }
 
     /// What the catalog holds for `node`, read through the agent at `url`:
@@ -368,9 +438,14 @@ impl ConsulCluster {
         Some(out)
     }
 
-    /// The logs of every agent, for failure messages.
+    /// The logs of every agent.
     pub fn logs(&self) -> String {
-        self.servers.iter().chain(&self.clients).map(|a| format!("==== {} ====\n{}", a.name, a.log_text())).collect()
+        self.all().map(|a| format!("==== {} ====\n{}\n", a.name, a.log_text())).collect()
+    }
+
+    /// The end of every agent's log, for failure messages.
+    pub fn log_tails(&self) -> String {
+        self.all().map(|a| format!("==== {} (end of its log) ====\n{}\n", a.name, a.log_tail(25))).collect()
     }
 }
 
