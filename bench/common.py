@@ -202,9 +202,10 @@ def summary(xs: list[float]) -> dict:
 class Http:
     """A persistent HTTP/1.1 connection to one loopback server (one per thread)."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, port: int, timeout: float = 10.0, headers: dict[str, str] | None = None) -> None:
         self.port = port
         self.timeout = timeout
+        self.headers = headers or {}  # sent with every request (e.g. X-Consul-Token)
         self.conn: http.client.HTTPConnection | None = None
 
     def request(self, method: str, path: str, body=None, timeout: float | None = None) -> tuple[int, dict, bytes]:
@@ -218,7 +219,7 @@ class Http:
                 if self.conn.sock:
                     self.conn.sock.settimeout(self.conn.timeout)
             try:
-                self.conn.request(method, path, body=body)
+                self.conn.request(method, path, body=body, headers=self.headers)
                 r = self.conn.getresponse()
                 data = r.read()
                 return r.status, {k.lower(): v for k, v in r.getheaders()}, data

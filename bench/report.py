@@ -302,6 +302,12 @@ def render(res: dict) -> str:
     if sc:
         out.append(scale_section(res, sc))
 
+    if res.get("cross"):
+        import cross  # bench/cross.py, beside this file
+
+        out.append(cross.render(res))
+        out.append(caption(res, "cross"))
+
     out.append("\n### Targets\n\n")
     out.append(targets(res))
     out.append(caption(res, None))

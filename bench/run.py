@@ -29,6 +29,7 @@ from consul import METRICS_INTERVAL, CatalogObserver, Consul, writes_of  # noqa:
 from etcd import Etcd, WatchObserver  # noqa: E402
 from grpcgo import GoClient  # noqa: E402
 from services import HealthServer, Tether, drop_file, service_file  # noqa: E402
+import cross  # noqa: E402
 import scale  # noqa: E402
 import report  # noqa: E402
 
@@ -46,11 +47,14 @@ SCALE_ROWS = [
 ]
 FULL = dict(flips=50, etcd_flips=50, rotation_flips=50, crashes=10, etcd_crashes=5, config_reps=20, calib=40,
             ns=[10, 100, 1000], cost_ns=[100, 1000], etcd_ns=[100, 1000], idle_intervals=2, flip_intervals=1,
-            scale_idle_s=30, scale_flip_reps=5, scale_rows=SCALE_ROWS)  # fmt: skip
+            scale_idle_s=30, scale_flip_reps=5, scale_rows=SCALE_ROWS, cross_flips=30)  # fmt: skip
 QUICK = dict(flips=10, etcd_flips=10, rotation_flips=10, crashes=3, etcd_crashes=2, config_reps=5, calib=15,
              ns=[10, 100], cost_ns=[100], etcd_ns=[100], idle_intervals=1, flip_intervals=1,
-             scale_idle_s=10, scale_flip_reps=3, scale_rows=SCALE_ROWS)  # fmt: skip
-PHASES = ["calibration", "baseline", "detection", "crash", "config", "etcd", "rotation", "footprint", "scale"]
+             scale_idle_s=10, scale_flip_reps=3, scale_rows=SCALE_ROWS, cross_flips=10)  # fmt: skip
+PHASES = ["calibration", "baseline", "detection", "crash", "config", "etcd", "rotation", "footprint", "scale", "cross"]
+# Phases that bring their own registry (cross: a 3-server Consul cluster with
+# two client agents, bench/cross.py) and need neither the dev agent nor etcd.
+OWN_REGISTRY = {"cross"}
 # Phases that need the catalog observer (blocking queries on all of /v1/health/state/any).
 OBSERVED = {"calibration", "detection", "crash", "config"}
 
@@ -183,9 +187,10 @@ class Bench:
 
     def run(self) -> None:
         self.results["meta"] = machine_info(self.args)
-        self.consul = Consul(self.procs, os.path.join(self.args.tools, "consul"), self.work)
-        self.etcd = Etcd(self.procs, os.path.join(self.args.tools, "etcd"), self.work)
         phases = self.args.phases.split(",") if self.args.phases else PHASES
+        if set(phases) - OWN_REGISTRY:
+            self.consul = Consul(self.procs, os.path.join(self.args.tools, "consul"), self.work)
+            self.etcd = Etcd(self.procs, os.path.join(self.args.tools, "etcd"), self.work)
         if OBSERVED & set(phases):
             self.obs = CatalogObserver(self.consul)
         for name in PHASES:
@@ -200,6 +205,12 @@ class Bench:
             self.results["phases"][name] = {"seconds": round(time.monotonic() - t0, 1), "machine_cpu_pct": round(machine, 1)}
         if self.obs:
             self.obs.stop()
+
+    def phase_cross(self) -> None:
+        """A flip on client agent A of a 3-server Consul cluster until a
+        consumer's blocking query on client agent B sees it: tether (watch
+        mode) against Consul's own gRPC check and a TTL floor (bench/cross.py)."""
+        self.results["cross"] = cross.run(self.procs, self.args, self.cfg, self.path)
 
     def phase_calibration(self) -> None:
         """The observers' own floor: a write made directly by this script, until
@@ -796,7 +807,7 @@ def main() -> int:
     args = ap.parse_args()
     cfg = dict(QUICK if args.quick else FULL)
     if args.flips:
-        cfg["flips"] = cfg["etcd_flips"] = cfg["rotation_flips"] = args.flips
+        cfg["flips"] = cfg["etcd_flips"] = cfg["rotation_flips"] = cfg["cross_flips"] = args.flips
     if args.services:
         cfg["ns"] = [int(x) for x in args.services.split(",")]
         cfg["cost_ns"] = [n for n in cfg["ns"] if n >= 100]

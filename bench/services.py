@@ -104,7 +104,9 @@ def drop_file(path: str, text: str) -> float:
 class Tether:
     """One `tether run` with its own config directory."""
 
-    def __init__(self, procs: Procs, binary: str, workdir: str, node: str, backend: str, url: str, files: dict[str, str]) -> None:
+    def __init__(
+        self, procs: Procs, binary: str, workdir: str, node: str, backend: str, url: str, files: dict[str, str], consul_token_file: str | None = None
+    ) -> None:
         self.dir = workdir
         self.services_dir = os.path.join(workdir, "services.d")
         os.makedirs(self.services_dir, exist_ok=True)
@@ -114,6 +116,8 @@ class Tether:
         cfg = f'services_dir = "services.d"\nnode = "{node}"\nlisten = ""\nderegister_on_shutdown = true\n\n'
         if backend == "consul":
             cfg += f'[consul]\naddress = "{url}"\n'
+            if consul_token_file:
+                cfg += f'token_file = "{consul_token_file}"\n'
         else:
             cfg += f'[etcd]\nendpoints = ["{url}"]\nprefix = "services"\n'
         self.config = os.path.join(workdir, "tether.toml")

@@ -13,12 +13,14 @@
 #               (default: $CARGO_TARGET_DIR/bench-results/<UTC time>, target/ if unset)
 # Other options go to bench/run.py (e.g. --flips 80, --seed 1, --keep,
 # --phases calibration,detection); see python3 bench/run.py --help.
-# Phases: calibration baseline detection crash config etcd rotation footprint scale.
+# Phases: calibration baseline detection crash config etcd rotation footprint scale cross
+# (--only cross: a flip on one client agent of a 3-server Consul cluster, seen
+# by a blocking query on another, tether against Consul's own check, ~4 min).
 #
 # Builds tether and the example health server in release mode with
 # CARGO_TARGET_DIR (default target/), and the grpc-go client of tests/go. A
-# full run takes about 26 minutes on a 2-core machine (the scale phase about 13
-# of them). Every process it starts is stopped at the end, also on error or
+# full run takes about 30 minutes on a 2-core machine (the scale phase about 13
+# of them, cross about 4). Every process it starts is stopped at the end, also on error or
 # Ctrl-C (run.py: try/finally, PR_SET_PDEATHSIG).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
         --only) args+=(--phases "$2"); shift 2 ;;
         --only=*) args+=(--phases "${1#--only=}"); shift ;;
         --) shift; args+=("$@"); break ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1"); shift ;;
     esac
 done
