@@ -10,19 +10,23 @@
 //!
 //! **A guest in the service's house: a Watch stream is cancelled as rarely
 //! as the protocol allows.** Cancelling a stream is not free for the server:
-//! grpcio's sync `HealthServicer` (Python) deadlocks when `set()` meets a
-//! Watch stream cancelled a moment before (grpc/grpc#43403: `set()` holds
-//! the servicer's lock while it sends to every watcher, and the cancelled
-//! stream's close callback needs that lock). So:
+//! grpcio's sync `HealthServicer` (Python) deadlocks when a Watch stream
+//! cancelled a moment before meets the servicer's next send (grpc/grpc#43403:
+//! the servicer sends under its lock and waits for the send, while the
+//! cancelled stream's close callback, on the thread that would complete it,
+//! waits for that lock). So:
 //!
-//! - A stream that says "not serving" is kept for [`NOT_SERVING_GRACE`], so
-//!   that a quick return to SERVING is seen at once, and then dropped, once
-//!   per episode: a tonic or grpc-go server's graceful shutdown waits for
-//!   open Watch streams, so holding it longer would stall the service's own
-//!   shutdown.
-//! - Then the probe *follows* the service with unary `Check`s (at once, then
-//!   every interval, at most [`FOLLOW_EVERY_AT_MOST`] apart) until one says
-//!   SERVING, and only then opens a new Watch. No re-open storms.
+//! - A stream that says "not serving" is kept, so that a return to SERVING
+//!   is seen at once, however long the episode. But a tonic or grpc-go
+//!   server's graceful shutdown waits for open Watch streams, and must not
+//!   wait for tether: so while the stream says "not serving" the probe sends
+//!   a unary `Check` after [`NOT_SERVING_GRACE`] and then every interval, at
+//!   least every [`FOLLOW_EVERY_AT_MOST`]. A server that answers is alive and
+//!   keeps its stream; one that does not (it sent GOAWAY and closed its
+//!   listener, or froze) has its stream dropped: one cancellation at most per
+//!   episode, and none in an ordinary one.
+//! - Without a stream the probe *follows* the service with unary `Check`s
+//!   and opens a new Watch only once one says SERVING. No re-open storms.
 //! - A stream that ends or fails is followed the same way, its Checks paced
 //!   by capped, jittered exponential backoff until a Watch message says
 //!   SERVING again.
@@ -50,12 +54,12 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 /// First delay after a failure; doubles up to the check interval.
 const BACKOFF_START: Duration = Duration::from_millis(50);
-/// How long a Watch stream is kept open after a non-SERVING message, so that a
-/// quick return to SERVING is seen at once, before it is dropped (once).
+/// When a Watch stream says "not serving", how long until a unary `Check`
+/// asks whether the server is still there (a server in graceful shutdown
+/// waits for open streams: it must not wait for tether longer than this).
 pub const NOT_SERVING_GRACE: Duration = Duration::from_secs(1);
-/// While a service is not serving, it is followed with a unary `Check` every
-/// interval, but at least this often: a return to SERVING is seen as soon as
-/// the dropped stream's re-open used to see it.
+/// While a service is not serving, it is checked with a unary `Check` every
+/// interval, but at least this often.
 pub const FOLLOW_EVERY_AT_MOST: Duration = Duration::from_secs(1);
 
 /// What a Watch-mode probe does next while it has no stream.
@@ -85,8 +89,9 @@ pub struct Probe {
     /// only by a SERVING Watch message, so a stream that keeps failing is
     /// re-opened no faster than the backoff allows.
     backoff: Backoff,
-    /// When to drop a stream that keeps saying the service is not serving.
-    drop_at: Option<Instant>,
+    /// While the stream says "not serving": when to ask with a unary Check
+    /// whether the server is still there (else the stream is dropped).
+    recheck_at: Option<Instant>,
     /// When the current Watch was opened, until its first message.
     opened: Option<Instant>,
     /// When the next poll is due (poll mode).
@@ -110,7 +115,7 @@ impl Probe {
             follow: Follow::Open,
             last: None,
             backoff: Backoff::new(BACKOFF_START, spec.interval.max(BACKOFF_START)),
-            drop_at: None,
+            recheck_at: None,
             opened: None,
             next_tick: Instant::now(),
             cancels: 0,
@@ -163,7 +168,7 @@ impl Probe {
         if self.stream.take().is_some() {
             self.cancels += 1;
         }
-        self.drop_at = None;
+        self.recheck_at = None;
         self.opened = None;
         self.last = None;
     }
@@ -197,7 +202,7 @@ impl Probe {
                 continue;
             }
             let first_deadline = self.opened.map(|t| t + self.spec.timeout);
-            let drop_at = self.drop_at;
+            let recheck_at = self.recheck_at;
             let stream = self.stream.as_mut().expect("stream is open");
             tokio::select! {
                 msg = stream.message() => return match msg {
@@ -207,9 +212,9 @@ impl Probe {
                         obs.latency = self.opened.take().map(|t| t.elapsed());
                         if obs.ok {
                             self.backoff.reset();
-                            self.drop_at = None;
-                        } else if self.drop_at.is_none() {
-                            self.drop_at = Some(Instant::now() + NOT_SERVING_GRACE);
+                            self.recheck_at = None;
+                        } else if self.recheck_at.is_none() {
+                            self.recheck_at = Some(Instant::now() + NOT_SERVING_GRACE);
                         }
                         obs
                     }
@@ -226,13 +231,18 @@ impl Probe {
                     let why = format!("no Watch status within {} of opening", humantime::format_duration(self.spec.timeout));
                     return self.fail(why);
                 }
-                _ = sleep_until(drop_at.unwrap_or_else(far_future)), if drop_at.is_some() => {
-                    // Still not serving after the grace: let go of the stream
-                    // (a server in graceful shutdown waits for it), once, and
-                    // follow with unary Checks, the first at once.
-                    self.drop_stream();
-                    self.follow_at(Instant::now());
-                    continue;
+                _ = sleep_until(recheck_at.unwrap_or_else(far_future)), if recheck_at.is_some() => {
+                    // Still not serving: is the server still there? One that
+                    // answers keeps its stream (a return to SERVING is seen
+                    // on it at once); one that does not, a server in graceful
+                    // shutdown among them, has it let go, and is followed
+                    // with Checks.
+                    let (obs, answered) = self.check_answered().await;
+                    if answered {
+                        self.recheck_at = Some(crate::timer::after(self.spec.interval.min(FOLLOW_EVERY_AT_MOST)));
+                        continue;
+                    }
+                    return self.fail(obs.output);
                 }
                 changed = self.beats.changed() => {
                     if changed.is_err() {
@@ -260,7 +270,7 @@ impl Probe {
         // Liveness results from before this stream do not concern it.
         self.beats.borrow_and_update();
         self.last = None;
-        self.drop_at = None;
+        self.recheck_at = None;
         match timeout(self.spec.timeout, rpc::watch(self.lease.channel(), tonic::Request::new(req))).await {
             Err(_) => Some(self.fail(format!("deadline exceeded after {} opening Watch", humantime::format_duration(self.spec.timeout)))),
             Ok(Err(status)) if status.code() == Code::Unimplemented => {
@@ -442,42 +452,71 @@ mod tests {
         timeout(Duration::from_secs(5), probe.next()).await.expect("an observation within 5 s")
     }
 
-    /// A NOT_SERVING episode costs the server at most one cancelled Watch
-    /// stream: the probe follows it with unary Checks, and opens a Watch again
-    /// only once a Check says SERVING.
+    /// A long NOT_SERVING episode of a server that stays up costs it no
+    /// cancelled stream: the stream is kept (unary Checks ask whether the
+    /// server is still there), and the return to SERVING is seen on it.
     #[tokio::test]
-    async fn one_cancellation_per_not_serving_episode() {
+    async fn a_long_not_serving_episode_keeps_the_stream() {
         let (reporter, addr, server) = serve_health().await;
-
         let connections = Connections::new();
         let mut probe = Probe::new(spec(addr.to_string(), Duration::from_millis(200)), &connections).unwrap();
         assert!(next(&mut probe).await.ok);
-
-        for episode in 1..=2u64 {
+        for _ in 0..2 {
             reporter.set_service_status("svc", tonic_health::ServingStatus::NotServing).await;
             let started = Instant::now();
-            let first = next(&mut probe).await;
-            assert_eq!(first.output, "NOT_SERVING");
-            // Well past the grace: the stream is dropped once, then Checks follow.
-            let mut failures = 0;
-            while started.elapsed() < NOT_SERVING_GRACE * 2 {
+            assert_eq!(next(&mut probe).await.output, "NOT_SERVING");
+            while started.elapsed() < NOT_SERVING_GRACE * 3 {
                 let obs = next(&mut probe).await;
                 assert!(!obs.ok, "{obs:?}");
-                failures += 1;
             }
-            assert!(probe.stream.is_none(), "the stream is let go after the grace");
-            assert!(failures >= 2, "the service is followed with Checks while it is not serving ({failures})");
-            assert_eq!(probe.cancels(), episode, "one cancelled stream per episode");
-
+            assert!(probe.stream.is_some(), "the stream is kept while the server answers");
             reporter.set_service_status("svc", tonic_health::ServingStatus::Serving).await;
             let back = next(&mut probe).await;
-            assert!(back.ok, "a Check sees SERVING again: {back:?}");
-            // Then a new Watch, whose first message confirms it.
-            let watched = next(&mut probe).await;
-            assert!(watched.ok && probe.stream.is_some(), "{watched:?}");
-            assert_eq!(probe.cancels(), episode);
+            assert!(back.ok, "{back:?}");
+            assert!(probe.stream.is_some());
         }
+        assert_eq!(probe.cancels(), 0);
         server.abort();
+    }
+
+    /// A server that goes NOT_SERVING and shuts down gracefully is not held up
+    /// by the stream for longer than about the grace: the Check after it
+    /// fails, and the stream is let go (the one cancellation of the episode).
+    /// Then Checks follow it, and a new server on the port is watched again.
+    #[tokio::test]
+    async fn a_graceful_shutdown_is_not_held_up() {
+        let (reporter, service) = health_reporter();
+        reporter.set_service_status("svc", tonic_health::ServingStatus::Serving).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let _ = Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        });
+        let connections = Connections::new();
+        let mut probe = Probe::new(spec(addr.to_string(), Duration::from_secs(5)), &connections).unwrap();
+        assert!(next(&mut probe).await.ok);
+        reporter.set_service_status("svc", tonic_health::ServingStatus::NotServing).await;
+        assert_eq!(next(&mut probe).await.output, "NOT_SERVING");
+        stop_tx.send(()).unwrap();
+        // Drive the probe while the server stops.
+        let drive = async {
+            loop {
+                let obs = probe.next().await;
+                assert!(!obs.ok);
+            }
+        };
+        tokio::select! {
+            _ = drive => unreachable!(),
+            r = timeout(NOT_SERVING_GRACE * 4, server) => r.expect("the server stopped within 4 s").unwrap(),
+        }
+        assert!(probe.cancels() <= 1, "{}", probe.cancels());
+        assert!(probe.stream.is_none());
     }
 
     /// A quick return to SERVING within the grace is seen on the open stream:
