@@ -406,17 +406,29 @@ impl ConsulCluster {
         self.wait(START, &format!("Consul client agent {} to join the cluster", self.clients[i].name), |c| c.client_ready(i));
     }
 
-    /// Client `i` sees the running servers alive, is a node of the catalog,
-    /// and takes a write with the master token (ACLs resolved through the
+    /// Client `i` sees the running servers alive, it and they have left
+    /// Consul 1.8's legacy ACL mode, it is a node of the catalog, and it
+    /// takes a write with the master token (ACLs resolved through the
     /// servers).
+    ///
+    /// The ACL mode matters: an agent starts in legacy mode and switches a
+    /// few seconds later; a token it resolved before has no entry in the new
+    /// mode's cache, and if the servers cannot be asked at that moment (a
+    /// leader just killed) the agent answers "ACL not found" for it, and
+    /// keeps answering so for the token TTL (30 s). A cluster that has run
+    /// for a while is past that; the tests' clusters must be too.
     fn client_ready(&self, i: usize) -> Option<()> {
         let c = &self.clients[i];
         let url = c.url();
         let members = self.try_get(&url, "/v1/agent/members").ok()?;
-        let alive_servers = members.as_array()?.iter().filter(|m| m["Tags"]["role"] == "consul" && m["Status"] == 1).count();
+        let members = members.as_array()?;
+        // Serf tag "acls": "1" = new ACLs enabled, "2" = legacy mode.
+        let new_acls = |m: &&Value| m["Tags"]["acls"] == "1";
+        let alive_servers = members.iter().filter(|m| m["Tags"]["role"] == "consul" && m["Status"] == 1).filter(new_acls).count();
         if alive_servers < self.servers.iter().filter(|s| s.running()).count() {
             return None;
         }
+        members.iter().find(|m| m["Name"] == c.name.as_str()).filter(new_acls)?;
         let node = self.try_get(&url, &format!("/v1/catalog/node/{}", c.name)).ok()?;
         node["Node"]["ID"].as_str().filter(|id| *id == c.node_id)?;
         self.try_put(&url, &format!("/v1/kv/tether-tests/ready/{}", c.name), &serde_json::json!("ok")).ok().map(drop)
@@ -445,7 +457,7 @@ impl ConsulCluster {
 
     /// The end of every agent's log, for failure messages.
     pub fn log_tails(&self) -> String {
-        self.all().map(|a| format!("==== {} (end of its log) ====\n{}\n", a.name, a.log_tail(25))).collect()
+        self.all().map(|a| format!("==== {} (end of its log) ====\n{}\n", a.name, a.log_tail(40))).collect()
     }
 }
 
