@@ -90,27 +90,35 @@ fn wait_catalog(cluster: &ConsulCluster, want: &Registrations, limit: Duration, 
 /// blocking query from `index`; returns once the set is exactly `want` (an
 /// answer that is not goes round again from its index), with the index of
 /// that answer. Errors (no leader during an election) are retried.
-fn wait_passing(cluster: &ConsulCluster, name: &str, index: u64, want: &[&str], limit: Duration) -> u64 {
+fn wait_passing(cluster: &ConsulCluster, tether: &Tether, name: &str, index: u64, want: &[&str], limit: Duration) -> u64 {
     let mut index = index;
     let mut seen = Vec::new();
     let start = Instant::now();
-    let found = wait_every(limit, Duration::from_millis(50), &format!("{name}'s passing set on client agent B to be {want:?}"), || {
-        match cluster.get_with_index(&cluster.url_b(), &format!("/v1/health/service/{name}?passing&index={index}&wait=5s")) {
+    while start.elapsed() < limit {
+        let path = format!("/v1/health/service/{name}?passing&index={index}&wait=5s");
+        match cluster.get_with_index(&cluster.url_b(), &path) {
             Ok((v, next)) => {
-                let ids: Vec<String> = v.as_array()?.iter().filter_map(|e| e["Service"]["ID"].as_str().map(String::from)).collect();
+                let ids: Vec<String> = v.as_array().unwrap().iter().filter_map(|e| e["Service"]["ID"].as_str().map(String::from)).collect();
                 seen.push(ids.clone());
+                if ids == want {
+                    eprintln!("{name}'s passing set on B became {want:?} in {:?} (answers: {seen:?})", start.elapsed());
+                    return next;
+                }
                 // An index that went backwards (a new leader's) starts over.
                 index = if next > index { next } else { 0 };
-                (ids == want).then_some(next)
             }
             Err(e) => {
                 seen.push(vec![format!("error: {e}")]);
-                None
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
-    });
-    eprintln!("{name}'s passing set on B became {want:?} in {:?} (answers: {seen:?})", start.elapsed());
-    found
+    }
+    panic!(
+        "timed out after {limit:?} waiting for {name}'s passing set on client agent B to be {want:?}; answers: {seen:?}\n\
+         tether log:\n{}\n{}",
+        tether.log(),
+        cluster.log_tails()
+    );
 }
 
 /// `tether status --json`.
@@ -131,11 +139,11 @@ fn minimal_policy_flips_reach_a_consumer_on_another_agent_and_sigterm_leaves_not
     wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), T, &tether);
 
     // A flip reaches a blocking query on the other client agent, and back.
-    let index = wait_passing(&cluster, "orders", 0, &["orders-1"], T);
+    let index = wait_passing(&cluster, &tether, "orders", 0, &["orders-1"], T);
     orders.set("not_serving");
-    let index = wait_passing(&cluster, "orders", index, &[], T);
+    let index = wait_passing(&cluster, &tether, "orders", index, &[], T);
     orders.set("serving");
-    wait_passing(&cluster, "orders", index, &["orders-1"], T);
+    wait_passing(&cluster, &tether, "orders", index, &["orders-1"], T);
     wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), T, &tether);
     let log = tether.log();
     assert!(!log.contains("Permission denied"), "the README's policy lets tether do all it does:\n{log}");
@@ -156,7 +164,7 @@ fn a_flip_during_a_leader_election_arrives() {
     let (_setup, tether) =
         start_tether(&cluster, &token, &[("orders", "orders-1", orders.port), ("orders-audit", "orders-audit-1", audit.port)]);
     wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), T, &tether);
-    let index = wait_passing(&cluster, "orders", 0, &["orders-1"], T);
+    let index = wait_passing(&cluster, &tether, "orders", 0, &["orders-1"], T);
 
     // Kill the leader and flip at once, while the servers elect another.
     let old = cluster.leader();
@@ -166,10 +174,10 @@ fn a_flip_during_a_leader_election_arrives() {
     let new = cluster.leader();
     assert_ne!(new, old);
     eprintln!("server-{old} (leader) killed; server-{new} leads after {:?}", killed.elapsed());
-    let index = wait_passing(&cluster, "orders", index, &[], Duration::from_secs(30));
+    let index = wait_passing(&cluster, &tether, "orders", index, &[], Duration::from_secs(30));
     // And back, still on two servers.
     orders.set("serving");
-    wait_passing(&cluster, "orders", index, &["orders-1"], T);
+    wait_passing(&cluster, &tether, "orders", index, &["orders-1"], T);
     wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), T, &tether);
 
     cluster.start_server(old);
@@ -230,7 +238,7 @@ fn a_service_the_token_may_not_write_is_reported_and_the_others_carry_on() {
     let is_refusal = |l: &&str| (l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains("billing");
     wait_for(T, "tether to log billing's refusal", || tether.log().lines().any(|l| is_refusal(&l)).then_some(()));
     let refused = Instant::now();
-    let index = wait_passing(&cluster, "orders", 0, &["orders-1"], T);
+    let index = wait_passing(&cluster, &tether, "orders", 0, &["orders-1"], T);
 
     // Over the next ~10 s orders keeps following its health while billing
     // stays refused and out of the catalog (watched with blocking queries
@@ -239,9 +247,9 @@ fn a_service_the_token_may_not_write_is_reported_and_the_others_carry_on() {
     let mut index = index;
     for _ in 0..3 {
         orders.set("not_serving");
-        index = wait_passing(&cluster, "orders", index, &[], T);
+        index = wait_passing(&cluster, &tether, "orders", index, &[], T);
         orders.set("serving");
-        index = wait_passing(&cluster, "orders", index, &["orders-1"], T);
+        index = wait_passing(&cluster, &tether, "orders", index, &["orders-1"], T);
     }
     let mut billing_index = 0;
     while refused.elapsed() < Duration::from_secs(10) {
@@ -280,8 +288,8 @@ fn a_service_the_token_may_not_write_is_reported_and_the_others_carry_on() {
     assert!(b["next_attempt"].is_string(), "when tether tries again: {st:#}");
     // And orders still flips.
     orders.set("not_serving");
-    index = wait_passing(&cluster, "orders", index, &[], T);
+    index = wait_passing(&cluster, &tether, "orders", index, &[], T);
     orders.set("serving");
-    wait_passing(&cluster, "orders", index, &["orders-1"], T);
+    wait_passing(&cluster, &tether, "orders", index, &["orders-1"], T);
     tether.stop();
 }
