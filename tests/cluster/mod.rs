@@ -167,6 +167,9 @@ fn a_flip_during_a_leader_election_arrives() {
     let index = wait_passing(&cluster, &tether, "orders", 0, &["orders-1"], T);
 
     // Kill the leader and flip at once, while the servers elect another.
+    // tether writes to agent A, which takes it at once and copies it to
+    // the servers when it can (a copy that fails is retried at A's next
+    // change or full sync, hence the longer limit).
     let old = cluster.leader();
     let killed = Instant::now();
     cluster.kill_server(old);
@@ -179,6 +182,10 @@ fn a_flip_during_a_leader_election_arrives() {
     orders.set("serving");
     wait_passing(&cluster, &tether, "orders", index, &["orders-1"], T);
     wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), T, &tether);
+    let log = tether.log();
+    let errors: Vec<&str> =
+        log.lines().filter(|l| l.contains("tether::reconcile") && (l.contains("failed") || l.contains("refused"))).collect();
+    assert!(errors.is_empty(), "agent A answered tether throughout the election:\n{}", errors.join("\n"));
 
     cluster.start_server(old);
     wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), T, &tether);
