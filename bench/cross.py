@@ -474,8 +474,8 @@ def render(res: dict) -> str:
     if bh:
         g = cx.get("grace_s", 1.0)
         out.append(
-            f"\nThe way back by how long the service was NOT_SERVING (tether keeps a NOT_SERVING Watch stream "
-            f"{g:g} s, then follows the service with a unary Check every interval):\n\n"
+            f"\nThe way back by how long the service was NOT_SERVING (after {g:g} s of NOT_SERVING tether asks with a "
+            f"unary Check whether the server is still there, and keeps the Watch stream while it answers):\n\n"
             f"| checker on A | held < {g:g} s: n | → back in it | held ≥ {g:g} s: n | → back in it |\n|---|---|---|---|---|\n"
         )
         for n in (TETHER, CONSUL):
