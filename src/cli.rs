@@ -5,7 +5,7 @@
 
 use crate::config::tls::TlsConfig;
 use crate::config::{agent, scan, Defaults};
-use crate::health::probe::{code_name, describe, observe_status};
+use crate::health::rpc::{code_name, describe, observe_status};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -355,7 +355,7 @@ fn validate(config: &std::path::Path, paths: &[PathBuf], agent_only: bool) -> Ex
 
 async fn check(addr: &str, service_name: &str, timeout: Duration, tls: Option<&TlsConfig>) -> ExitCode {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let endpoint = match crate::health::probe::endpoint(addr, timeout, tls) {
+    let endpoint = match crate::health::rpc::endpoint(addr, timeout, tls) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: {e}; write the address as host:port");

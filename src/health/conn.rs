@@ -18,7 +18,7 @@
 //! A connection lives while a [`Lease`] on it does; its liveness task ends
 //! with it.
 
-use super::probe::{describe, endpoint};
+use super::rpc::{self, describe, endpoint, server_answered};
 use crate::backoff::lock;
 use crate::config::tls::{Rotation, TlsConfig};
 use crate::config::{CheckMode, CheckSpec};
@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tonic::transport::Channel;
-use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 
 /// Services per connection before another connection to the same target is
@@ -189,7 +188,7 @@ async fn liveness(conn: Weak<Conn>, watch_joined: Arc<Notify>) {
         drop(c);
         let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
         req.set_timeout(deadline);
-        let error = match tokio::time::timeout(deadline, super::rpc::check(channel, req)).await {
+        let error = match tokio::time::timeout(deadline, rpc::check(channel, req)).await {
             Err(_) => Some(format!("deadline exceeded after {}", humantime::format_duration(deadline))),
             Ok(Ok(_)) => None,
             Ok(Err(status)) if server_answered(&status) => None,
@@ -214,13 +213,4 @@ fn settings(conn: &Weak<Conn>) -> Option<(Duration, Duration)> {
     };
     let timeout = Duration::from_millis(c.timeout_ms.load(Ordering::Relaxed).max(100));
     Some((interval, timeout))
-}
-
-/// Whether an error status came from the server itself (so it is alive),
-/// rather than from the transport or a deadline.
-pub(super) fn server_answered(status: &tonic::Status) -> bool {
-    let transport = super::probe::io_cause(status).is_some()
-        || matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown)
-        || (status.code() == Code::Cancelled && status.message().contains("Timeout expired"));
-    !transport
 }

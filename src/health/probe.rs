@@ -38,18 +38,15 @@
 //!
 //! Poll mode calls `Check` every `interval` with `timeout` as the deadline.
 
-use super::conn::{server_answered, Beat, Connections, Lease};
-use super::rpc;
+use super::conn::{Beat, Connections, Lease};
+use super::rpc::{self, describe, observe_status, server_answered};
 use super::Observation;
 use crate::backoff::{jitter, Backoff};
-use crate::config::tls::TlsConfig;
 use crate::config::{CheckMode, CheckSpec};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
-use tonic::transport::Endpoint;
-use tonic::{Code, Status, Streaming};
-use tonic_health::pb::health_check_response::ServingStatus;
+use tonic::{Code, Streaming};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 /// First delay after a failure; doubles up to the check interval.
@@ -327,92 +324,6 @@ impl Probe {
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400)
-}
-
-/// The endpoint of `host:port`, over TLS when `tls` is set. A certificate that
-/// does not verify fails the connection: there is no fallback to plaintext.
-pub fn endpoint(target: &str, connect_timeout: Duration, tls: Option<&TlsConfig>) -> Result<Endpoint, String> {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{target}"))
-        .map_err(|e| format!("bad target {target:?}: {e}"))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .tcp_keepalive(Some(Duration::from_secs(10)));
-    if let Some(t) = tls {
-        endpoint = endpoint.tls_config(t.grpc_client()?).map_err(|e| format!("TLS settings for {target}: {e}"))?;
-    }
-    Ok(endpoint)
-}
-
-/// SERVING passes; NOT_SERVING, SERVICE_UNKNOWN and UNKNOWN fail.
-pub fn observe_status(status: i32) -> Observation {
-    match ServingStatus::try_from(status) {
-        Ok(ServingStatus::Serving) => Observation { ok: true, output: "SERVING".into(), latency: None },
-        Ok(s) => Observation { ok: false, output: s.as_str_name().to_string(), latency: None },
-        Err(_) => Observation { ok: false, output: format!("unknown serving status {status}"), latency: None },
-    }
-}
-
-/// A short human reason for a failed RPC: "connection refused", "UNIMPLEMENTED: …".
-pub fn describe(status: &Status, deadline: Duration) -> String {
-    if let Some(io) = io_cause(status) {
-        return match io.kind() {
-            std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
-            std::io::ErrorKind::ConnectionReset => "connection reset".into(),
-            std::io::ErrorKind::TimedOut => "connect timed out".into(),
-            _ => format!("connection error: {io}"),
-        };
-    }
-    match status.code() {
-        // tonic's client-side timeout reports CANCELLED "Timeout expired".
-        Code::Cancelled if status.message().contains("Timeout expired") => {
-            format!("deadline exceeded after {}", humantime::format_duration(deadline))
-        }
-        Code::DeadlineExceeded => format!("deadline exceeded after {}", humantime::format_duration(deadline)),
-        Code::NotFound => format!("SERVICE_UNKNOWN (NOT_FOUND: {})", status.message()),
-        code => {
-            let msg = status.message();
-            if msg.is_empty() {
-                code_name(code).to_string()
-            } else {
-                format!("{}: {msg}", code_name(code))
-            }
-        }
-    }
-}
-
-pub(super) fn io_cause(status: &Status) -> Option<&std::io::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io);
-        }
-        cur = e.source();
-    }
-    None
-}
-
-/// gRPC's canonical upper-case code name.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 #[cfg(test)]
