@@ -1,7 +1,7 @@
 //! The agent's own configuration file (`/etc/tether/tether.toml` by default).
 
 use super::error::{from_toml, ConfigError};
-use super::service::{read_file, Defaults};
+use super::file::read_file;
 use super::tls::{RawTls, TlsConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -23,6 +23,15 @@ impl BackendKind {
             BackendKind::Etcd => "etcd",
         }
     }
+}
+
+/// What a service file does not say but the agent knows.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub node: String,
+    /// The host's primary non-loopback IP.
+    pub address: String,
+    pub backend: BackendKind,
 }
 
 #[derive(Debug, Clone)]

@@ -9,11 +9,12 @@
 pub mod agent;
 pub mod duration;
 pub mod error;
+pub mod file;
 pub mod scan;
 pub mod service;
 pub mod tls;
 pub mod watch;
 
-pub use agent::{AgentConfig, BackendConfig, BackendKind, ConsulConfig, EtcdConfig, Owner};
+pub use agent::{AgentConfig, BackendConfig, BackendKind, ConsulConfig, Defaults, EtcdConfig, Owner};
 pub use error::ConfigError;
-pub use service::{CheckMode, CheckSpec, Defaults, ServiceSpec};
+pub use service::{CheckMode, CheckSpec, ServiceSpec};

@@ -5,8 +5,9 @@
 //! periodic resync, SIGHUP) caused it. A file that stops parsing keeps its last
 //! good version; its error is reported until it is fixed.
 
+use super::agent::Defaults;
 use super::error::ConfigError;
-use super::service::{self, Defaults, ServiceSpec};
+use super::service::{self, ServiceSpec};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 

@@ -1,17 +1,15 @@
 //! One service file (`services_dir/*.toml`) → a validated [`ServiceSpec`].
 
-use super::agent::BackendKind;
+use super::agent::{BackendKind, Defaults};
 use super::duration::GoDuration;
 use super::error::{from_toml, ConfigError};
+use super::file::read_file;
 use super::tls::{RawTls, TlsConfig};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
-
-/// Largest service file tether reads; anything bigger is a mistake.
-pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 const DEFAULT_TTL: Duration = Duration::from_secs(15);
 const DEFAULT_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
@@ -20,15 +18,6 @@ pub const CONSUL_MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 /// etcd's minimum lease TTL at default settings.
 pub const ETCD_MIN_TTL: Duration = Duration::from_secs(2);
 const MIN_TTL: Duration = Duration::from_secs(1);
-
-/// What a service file does not say but the agent knows.
-#[derive(Debug, Clone)]
-pub struct Defaults {
-    pub node: String,
-    /// The host's primary non-loopback IP.
-    pub address: String,
-    pub backend: BackendKind,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CheckMode {
@@ -118,46 +107,6 @@ pub const RESERVED_META: [&str; 3] = ["managed-by", "tether-node", "tether-insta
 pub fn load(path: &Path, defaults: &Defaults) -> Result<ServiceSpec, ConfigError> {
     let text = read_file(path)?;
     parse(path, &text, defaults)
-}
-
-/// Read a configuration file as text, with errors that say what to do.
-pub fn read_file(path: &Path) -> Result<String, ConfigError> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                if std::fs::symlink_metadata(path).is_ok() {
-                    "it is a dangling symlink: point it at an existing file or remove it"
-                } else {
-                    "check the path"
-                }
-            }
-            std::io::ErrorKind::PermissionDenied => "make it readable by the user tether runs as",
-            _ => "check the file",
-        };
-        ConfigError::new(path, format!("cannot read file: {e}"), hint)
-    })?;
-    if meta.is_dir() {
-        return Err(ConfigError::new(path, "is a directory, not a file", "rename or remove it"));
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(ConfigError::new(
-            path,
-            format!("file is {} bytes, more than the {} bytes a service file may have", meta.len(), MAX_FILE_BYTES),
-            "is this the right file? service files are a few lines of TOML",
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|e| {
-        let hint =
-            if e.kind() == std::io::ErrorKind::PermissionDenied { "make it readable by the user tether runs as" } else { "check the file" };
-        ConfigError::new(path, format!("cannot read file: {e}"), hint)
-    })?;
-    String::from_utf8(bytes).map_err(|e| {
-        ConfigError::new(
-            path,
-            format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
-            "write the file as UTF-8 TOML",
-        )
-    })
 }
 
 /// Parse and validate service-file text.
