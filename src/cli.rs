@@ -365,7 +365,7 @@ async fn check(addr: &str, service_name: &str, timeout: Duration, tls: Option<&T
     let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            eprintln!("error: failed to connect to {addr}: {}", error_chain(&e));
+            eprintln!("error: failed to connect to {addr}: {}", crate::error::chain(&e));
             return ExitCode::from(2);
         }
         Err(_) => {
@@ -397,17 +397,6 @@ async fn check(addr: &str, service_name: &str, timeout: Duration, tls: Option<&T
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 async fn status(config: &std::path::Path, json: bool) -> ExitCode {
     let cfg = match agent::load(config) {
         Ok(c) => c,
@@ -436,7 +425,7 @@ async fn status(config: &std::path::Path, json: bool) -> ExitCode {
         Err(e) => {
             eprintln!(
                 "error: no tether agent answers at {url} ({}); is `tether run --config {}` running?",
-                error_chain(&e),
+                crate::error::chain(&e),
                 config.display()
             );
             return ExitCode::from(1);

@@ -19,6 +19,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod error;
 pub mod health;
 pub mod identity;
 pub mod reconcile;

@@ -196,7 +196,7 @@ impl ConsulClient {
     }
 
     async fn send(&self, what: &str, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ConsulError> {
-        let resp = rb.send().await.map_err(|e| ConsulError::Transport { url: self.base.clone(), detail: chain(&e) })?;
+        let resp = rb.send().await.map_err(|e| ConsulError::Transport { url: self.base.clone(), detail: crate::error::chain(&e) })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -302,21 +302,6 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// An error with all its causes: "error sending request: … : invalid peer certificate: UnknownIssuer".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
