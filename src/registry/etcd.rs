@@ -111,6 +111,16 @@ impl EndpointUpdate {
     }
 }
 
+/// What a key holds, as compared by the reconciler (see [`View`]): the key,
+/// the value without its health (the health is compared apart), the lease
+/// and the value's format. A listed key and a spec's are built by this one
+/// function, so they are equal exactly when the key is in sync.
+fn fingerprint(key: &str, mut value: EndpointUpdate, lease: i64) -> String {
+    value.metadata.health.clear();
+    let format = value.format();
+    format!("{key}|{}|lease:{lease}|{format}", serde_json::to_string(&value).expect("serializable"))
+}
+
 pub struct Etcd {
     config: EtcdConfig,
     view: EtcdView,
@@ -379,9 +389,7 @@ impl Etcd {
             .into_iter()
             .map(|(key, v, lease)| {
                 let health = Health::passing(v.metadata.health.clone());
-                let mut bare = v.clone();
-                bare.metadata.health = String::new();
-                let fingerprint = format!("{key}|{}|lease:{lease}|{}", serde_json::to_string(&bare).expect("serializable"), v.format());
+                let fingerprint = fingerprint(&key, v.clone(), lease);
                 self.keys.insert(v.metadata.id.clone(), key);
                 RemoteEntry { id: v.metadata.id, name: v.metadata.name, fingerprint, health: Some(health), maintenance: false }
             })
@@ -469,9 +477,7 @@ impl View for EtcdView {
     }
 
     fn fingerprint(&self, spec: &ServiceSpec) -> String {
-        let v = self.value(spec, "");
-        let key = self.key(&spec.name, &spec.id);
-        format!("{key}|{}|lease:{}|{}", serde_json::to_string(&v).expect("serializable"), self.lease_id(), v.format())
+        fingerprint(&self.key(&spec.name, &spec.id), self.value(spec, ""), self.lease_id())
     }
 }
 
@@ -712,6 +718,37 @@ mod tests {
         // Serialized alike, so without the marker an old key would look in sync.
         assert_eq!(serde_json::to_string(&old).unwrap(), serde_json::to_string(&new).unwrap());
         assert_ne!(old.format(), new.format());
+    }
+
+    /// A key as tether writes it, listed back, has the fingerprint of the
+    /// spec it was written from (else every key is rewritten on every pass);
+    /// on another lease, or in the earlier format, it does not.
+    #[test]
+    fn a_written_key_listed_back_is_in_sync() {
+        let config = EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "services".into(),
+            username: None,
+            password_file: None,
+            tls: Default::default(),
+        };
+        let mut etcd = Etcd::new(config, &Owner::new("web-1", None));
+        let defaults =
+            crate::config::Defaults { node: "web-1".into(), address: "10.0.0.5".into(), backend: crate::config::BackendKind::Etcd };
+        let text = "name = \"orders\"\nport = 50051\ntags = [\"grpc\"]\n";
+        let spec = crate::config::service::parse(std::path::Path::new("orders.toml"), text, &defaults).unwrap();
+        etcd.view.lease.store(7, Ordering::Relaxed);
+        let key = etcd.key(&spec.name, &spec.id);
+        let body = serde_json::to_string(&etcd.view.value(&spec, "SERVING")).unwrap();
+        let listed =
+            |body: &str, lease| -> Vec<(String, EndpointUpdate, i64)> { vec![(key.clone(), serde_json::from_str(body).unwrap(), lease)] };
+        let entry = etcd.entries(listed(&body, 7)).remove(0);
+        assert_eq!(entry.fingerprint, etcd.view.fingerprint(&spec));
+        assert_eq!(entry.health.unwrap().output, "SERVING");
+        assert_ne!(etcd.entries(listed(&body, 8)).remove(0).fingerprint, etcd.view.fingerprint(&spec));
+        let mut legacy: Value = serde_json::from_str(&body).unwrap();
+        legacy["Metadata"] = serde_json::from_str(legacy["Metadata"].as_str().unwrap()).unwrap();
+        assert_ne!(etcd.entries(listed(&legacy.to_string(), 7)).remove(0).fingerprint, etcd.view.fingerprint(&spec));
     }
 
     #[test]
