@@ -6,7 +6,7 @@
 //! config/     files → desired ServiceSpecs   (agent.rs, service.rs, scan.rs, watch.rs)
 //! health/     grpc.health.v1 probes → health changes   (probe.rs, threshold.rs, supervisor.rs)
 //! reconcile/  the one writer: desired specs + health → registry records; anti-entropy; heartbeats
-//! registry/   the Registry trait and its backends (consul/, etcd.rs)
+//! registry/   the Registry trait and its backends (consul/, etcd/)
 //! app.rs      wires the pipeline, signals and shutdown
 //! cli.rs      run | validate | check
 //! ```

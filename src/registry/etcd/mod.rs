@@ -1,14 +1,9 @@
 //! The etcd backend: one leased key per passing service, in the format gRPC's
 //! own etcd resolver reads.
 //!
-//! Key `<prefix>/<name>/<id>`, value
-//! `{"Op":0,"Addr":"host:port","Metadata":"{\"id\":...}"}` (gRPC-Go's
-//! `naming/endpoints` update, Op 0 = Add), with tether's fields JSON-encoded
-//! into one string in `Metadata`: etcd's resolver copies `Metadata` into
-//! `resolver.Address.Metadata`, which grpc-go hashes and compares, so an object
-//! or array there panics the client ("hash of unhashable type"). Values an
-//! earlier tether wrote with `Metadata` as an object are still read (and
-//! rewritten in place by anti-entropy). A key exists only while its service is passing. All keys hang on
+//! Key `<prefix>/<name>/<id>`, value a gRPC-Go `naming/endpoints` update with
+//! tether's fields JSON-encoded into one string in `Metadata` ([`wire`]). A key
+//! exists only while its service is passing. All keys hang on
 //! one lease per agent (TTL = the shortest service ttl), kept alive at ttl/3:
 //! one keepalive stream however many services, and if tether dies every key
 //! vanishes within the TTL. A restarted tether adopts its previous lease when it
@@ -16,110 +11,21 @@
 //! partition, "lease not found", data wiped) is replaced and every key put back
 //! by the next anti-entropy pass: the lease id is part of each fingerprint.
 
+mod client;
+pub mod wire;
+
 use super::{AgentInfo, ErrorClass, ErrorKind, Heartbeat, Outcome, Registry, RegistryError, RemoteEntry, Result, View, Write};
-use crate::config::agent::{credential_path, read_secret};
 use crate::config::tls::Rotation;
 use crate::config::{EtcdConfig, Owner, ServiceSpec};
 use crate::health::{Health, Status};
-use backon::{ExponentialBuilder, Retryable};
-use etcd_client::{Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use backon::Retryable;
+use client::{backoff, client_of, err, retryable};
+use etcd_client::{Client, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The value gRPC-Go's `naming/endpoints` manager writes and its resolver reads.
-/// Serialized with `Metadata` as one JSON string; read from that or from the
-/// earlier format with `Metadata` as an object (`legacy`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(into = "Wire", try_from = "Wire")]
-pub struct EndpointUpdate {
-    pub op: u8,
-    pub addr: String,
-    pub metadata: Metadata,
-    /// Read from the earlier format (`Metadata` as a JSON object).
-    pub legacy: bool,
-}
-
-/// tether's fields inside the endpoint's `Metadata`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Metadata {
-    pub id: String,
-    pub name: String,
-    #[serde(default)]
-    pub tags: Vec<String>,
-    #[serde(default)]
-    pub meta: BTreeMap<String, String>,
-    pub node: String,
-    /// The agent's instance on its node, when several share a host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<String>,
-    pub managed_by: String,
-    #[serde(default)]
-    pub health: String,
-}
-
-/// The stored JSON.
-#[derive(Serialize, Deserialize)]
-struct Wire {
-    #[serde(rename = "Op")]
-    op: u8,
-    #[serde(rename = "Addr")]
-    addr: String,
-    #[serde(rename = "Metadata")]
-    metadata: WireMetadata,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(untagged)]
-enum WireMetadata {
-    /// `Metadata` as a JSON-encoded string: hashable in grpc-go.
-    Encoded(String),
-    /// `Metadata` as an object, as an earlier tether wrote it.
-    Legacy(Metadata),
-}
-
-impl From<EndpointUpdate> for Wire {
-    fn from(v: EndpointUpdate) -> Wire {
-        let metadata = WireMetadata::Encoded(serde_json::to_string(&v.metadata).expect("serializable"));
-        Wire { op: v.op, addr: v.addr, metadata }
-    }
-}
-
-impl TryFrom<Wire> for EndpointUpdate {
-    type Error = serde_json::Error;
-
-    fn try_from(w: Wire) -> std::result::Result<Self, Self::Error> {
-        let (metadata, legacy) = match w.metadata {
-            WireMetadata::Encoded(s) => (serde_json::from_str(&s)?, false),
-            WireMetadata::Legacy(m) => (m, true),
-        };
-        Ok(EndpointUpdate { op: w.op, addr: w.addr, metadata, legacy })
-    }
-}
-
-impl EndpointUpdate {
-    /// The value's format, part of every fingerprint: a key in the earlier
-    /// format never looks "in sync", so anti-entropy rewrites it in place.
-    fn format(&self) -> &'static str {
-        if self.legacy {
-            "metadata-object"
-        } else {
-            "metadata-string"
-        }
-    }
-}
-
-/// What a key holds, as compared by the reconciler (see [`View`]): the key,
-/// the value without its health (the health is compared apart), the lease
-/// and the value's format. A listed key and a spec's are built by this one
-/// function, so they are equal exactly when the key is in sync.
-fn fingerprint(key: &str, mut value: EndpointUpdate, lease: i64) -> String {
-    value.metadata.health.clear();
-    let format = value.format();
-    format!("{key}|{}|lease:{lease}|{format}", serde_json::to_string(&value).expect("serializable"))
-}
+use wire::{fingerprint, AgentRecord, EndpointUpdate, Metadata};
 
 pub struct Etcd {
     config: EtcdConfig,
@@ -135,15 +41,6 @@ pub struct Etcd {
     run: String,
     /// The lease the agent key was last written with.
     agent_key_lease: i64,
-}
-
-/// The agent key's value: who holds this identity, on which lease.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct AgentRecord {
-    run: String,
-    lease: i64,
-    /// "alive", or "stopped" (a clean shutdown that left the keys to their TTL).
-    state: String,
 }
 
 /// How etcd records are compared; see [`View`]. Shares the current lease id
@@ -164,21 +61,6 @@ pub struct EtcdLane {
     keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
 }
 
-fn err(e: etcd_client::Error) -> RegistryError {
-    use etcd_client::Error as E;
-    let kind = match &e {
-        E::GRpcStatus(s) if s.code() == tonic::Code::NotFound || s.message().contains("lease not found") => ErrorKind::Missing,
-        E::LeaseKeepAliveError(m) if m.contains("not found") => ErrorKind::Missing,
-        E::GRpcStatus(s)
-            if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition) =>
-        {
-            ErrorKind::Rejected
-        }
-        _ => ErrorKind::Unavailable,
-    };
-    RegistryError::new(kind, format!("etcd: {e}"))
-}
-
 /// The outcomes of a batch whose first write failed with `e` and whose
 /// others were not tried.
 fn failed_batch(n: usize, e: RegistryError) -> Vec<Outcome> {
@@ -189,67 +71,8 @@ fn failed_batch(n: usize, e: RegistryError) -> Vec<Outcome> {
     outcomes
 }
 
-/// Transient failures worth retrying: a member down, no leader, a lost connection.
-fn retryable(e: &etcd_client::Error) -> bool {
-    use etcd_client::Error as E;
-    match e {
-        E::GRpcStatus(s) => matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown),
-        E::TransportError(_) | E::IoError(_) => true,
-        _ => false,
-    }
-}
-
-/// Retry policy for idempotent calls: a dead member fails a share of calls.
-fn backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(1))
-        .with_max_times(4)
-        .with_jitter()
-}
-
 fn ttl_secs(d: Duration) -> i64 {
     (d.as_secs_f64().ceil() as i64).max(2)
-}
-
-/// A new connection to the cluster (connect timeouts, HTTP/2 keepalive,
-/// require-leader, auth with token refresh, TLS).
-async fn connect(config: &EtcdConfig) -> Result<Client> {
-    let mut opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-        .with_tcp_keepalive(Duration::from_secs(10))
-        .with_require_leader(true);
-    if let Some(user) = &config.username {
-        let file = config.password_file.clone().or_else(|| credential_path("etcd.password")).ok_or_else(|| {
-            RegistryError::new(ErrorKind::Rejected, "etcd username is set but there is no password_file and no etcd.password credential")
-        })?;
-        let password = read_secret(&file).map_err(|e| RegistryError::new(ErrorKind::Rejected, e.to_string()))?;
-        opts = opts.with_user(user.clone(), password).with_auto_token_refresh(true);
-    }
-    let tls = &config.tls;
-    if tls.is_set() || config.endpoints.iter().any(|e| e.starts_with("https://")) {
-        let t = tls.grpc_client().map_err(|e| RegistryError::new(ErrorKind::Rejected, format!("etcd TLS: {e}")))?;
-        opts = opts.with_tls(t);
-    }
-    Client::connect(&config.endpoints, Some(opts)).await.map_err(err)
-}
-
-/// The cached client, or a new one; a new one also when TLS files rotated.
-async fn client_of(config: &EtcdConfig, client: &mut Option<Client>, rotation: &mut Option<Rotation>, who: &str) -> Result<Client> {
-    if client.is_some() && config.tls.is_set() && rotation.as_ref().is_some_and(|r| r.changed(&config.tls)) {
-        tracing::info!("etcd TLS files changed; {who} reconnects with them");
-        *client = None;
-    }
-    if let Some(c) = client {
-        return Ok(c.clone());
-    }
-    let stamp = Rotation::new(&config.tls);
-    let c = connect(config).await?;
-    *rotation = Some(stamp);
-    *client = Some(c.clone());
-    Ok(c)
 }
 
 impl EtcdView {
@@ -659,66 +482,7 @@ impl Registry for Etcd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{json, Value};
-
-    fn metadata() -> Metadata {
-        Metadata {
-            id: "orders-1".into(),
-            name: "orders".into(),
-            tags: vec!["grpc".into()],
-            meta: BTreeMap::from([("version".into(), "1.2.3".into())]),
-            node: "web-1".into(),
-            instance: None,
-            managed_by: "tether".into(),
-            health: "SERVING".into(),
-        }
-    }
-
-    fn metadata_json() -> Value {
-        json!({"id": "orders-1", "name": "orders", "tags": ["grpc"], "meta": {"version": "1.2.3"}, "node": "web-1", "managed_by": "tether", "health": "SERVING"})
-    }
-
-    #[test]
-    fn writes_metadata_as_one_json_string() {
-        let v = EndpointUpdate { op: 0, addr: "10.0.0.5:50051".into(), metadata: metadata(), legacy: false };
-        let written: Value = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
-        let encoded = written["Metadata"].as_str().expect("Metadata is a string, never an object or array");
-        assert_eq!(serde_json::from_str::<Value>(encoded).unwrap(), metadata_json());
-        assert_eq!(written["Op"], 0);
-        assert_eq!(written["Addr"], "10.0.0.5:50051");
-        assert_eq!(written.as_object().unwrap().len(), 3);
-    }
-
-    #[test]
-    fn parses_the_string_format() {
-        let raw = json!({"Op": 0, "Addr": "10.0.0.5:50051", "Metadata": metadata_json().to_string()});
-        let v: EndpointUpdate = serde_json::from_value(raw).unwrap();
-        assert_eq!(v, EndpointUpdate { op: 0, addr: "10.0.0.5:50051".into(), metadata: metadata(), legacy: false });
-        assert_eq!(v.format(), "metadata-string");
-        // Round trip.
-        assert_eq!(serde_json::from_str::<EndpointUpdate>(&serde_json::to_string(&v).unwrap()).unwrap(), v);
-    }
-
-    #[test]
-    fn parses_the_earlier_object_format_as_legacy() {
-        let raw = json!({"Op": 0, "Addr": "10.0.0.5:50051", "Metadata": metadata_json()});
-        let v: EndpointUpdate = serde_json::from_value(raw).unwrap();
-        assert_eq!(v.metadata, metadata());
-        assert!(v.legacy);
-        assert_eq!(v.format(), "metadata-object");
-        // Re-serialized, it is in the new format.
-        let written: Value = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
-        assert!(written["Metadata"].is_string());
-    }
-
-    #[test]
-    fn same_service_in_both_formats_differs_only_by_the_format_marker() {
-        let new = EndpointUpdate { op: 0, addr: "10.0.0.5:50051".into(), metadata: metadata(), legacy: false };
-        let old: EndpointUpdate = serde_json::from_value(json!({"Op": 0, "Addr": "10.0.0.5:50051", "Metadata": metadata_json()})).unwrap();
-        // Serialized alike, so without the marker an old key would look in sync.
-        assert_eq!(serde_json::to_string(&old).unwrap(), serde_json::to_string(&new).unwrap());
-        assert_ne!(old.format(), new.format());
-    }
+    use serde_json::Value;
 
     /// A key as tether writes it, listed back, has the fingerprint of the
     /// spec it was written from (else every key is rewritten on every pass);
@@ -749,18 +513,5 @@ mod tests {
         let mut legacy: Value = serde_json::from_str(&body).unwrap();
         legacy["Metadata"] = serde_json::from_str(legacy["Metadata"].as_str().unwrap()).unwrap();
         assert_ne!(etcd.entries(listed(&legacy.to_string(), 7)).remove(0).fingerprint, etcd.view.fingerprint(&spec));
-    }
-
-    #[test]
-    fn rejects_values_that_are_not_tethers() {
-        for raw in [
-            json!({"Op": 0, "Addr": "a:1", "Metadata": null}),
-            json!({"Op": 0, "Addr": "a:1", "Metadata": "not json"}),
-            json!({"Op": 0, "Addr": "a:1", "Metadata": "{\"zone\":\"b\"}"}),
-            json!({"Op": 0, "Addr": "a:1", "Metadata": ["x"]}),
-            json!({"Op": 0, "Addr": "a:1"}),
-        ] {
-            assert!(serde_json::from_value::<EndpointUpdate>(raw.clone()).is_err(), "{raw}");
-        }
     }
 }
