@@ -329,7 +329,12 @@ fn err(e: ConsulError) -> RegistryError {
     let kind = match &e {
         ConsulError::Transport { .. } => ErrorKind::Unavailable,
         // An ACL refusal can come back as a 500 from a forwarded RPC.
-        ConsulError::Status { body, .. } if body.contains("Permission denied") || body.contains("ACL not found") => ErrorKind::Rejected,
+        ConsulError::Status { body, .. } if body.contains("Permission denied") => ErrorKind::Rejected,
+        // A token this agent does not know (yet): it heals by itself when the
+        // token reaches every server, or when a client agent leaves Consul
+        // 1.8's legacy ACL mode, each within the 30 s the agent caches the
+        // answer; a token that is wrong for good is said in every retry.
+        ConsulError::Status { body, .. } if body.contains("ACL not found") => ErrorKind::Unavailable,
         ConsulError::Status { status, body, .. }
             if body.contains("does not have associated TTL")
                 || body.contains("Unknown check")
