@@ -8,7 +8,7 @@
 //! reconcile/  the one writer: desired specs + health → registry records; anti-entropy; heartbeats
 //! registry/   the Registry trait and its backends (consul/, etcd/)
 //! app.rs      wires the pipeline, signals and shutdown
-//! cli.rs      run | validate | check
+//! cli/        run | validate | check | drain | undrain | status, one file each
 //! ```
 //!
 //! Health code never talks to a registry; backends never decide health; only
