@@ -183,6 +183,17 @@ impl DrainFile {
         self.ids.contains(id)
     }
 
+    /// The drained ids.
+    pub fn ids(&self) -> &BTreeSet<String> {
+        &self.ids
+    }
+
+    /// Record exactly `ids` as drained (kept by the next [`DrainFile::save`]).
+    pub fn replace(&mut self, ids: BTreeSet<String>) {
+        self.dirty |= self.ids != ids;
+        self.ids = ids;
+    }
+
     /// Record `id` as drained or not (kept by the next [`DrainFile::save`]).
     pub fn set(&mut self, id: &str, drained: bool) {
         self.dirty |= if drained { self.ids.insert(id.to_string()) } else { self.ids.remove(id) };

@@ -3,9 +3,12 @@
 //! what tether sends when, not about any registry's behaviour: the real
 //! registries are exercised by the integration tests.
 
+use super::core::REFUSED_CAP;
 use super::*;
 use crate::backoff::lock;
 use crate::config::{CheckMode, CheckSpec};
+use crate::health::{Health, Status};
+use crate::registry::{AgentInfo, RemoteEntry};
 use crate::registry::{ErrorKind, Heartbeat, Outcome, Result as RegResult};
 use std::sync::Mutex;
 
