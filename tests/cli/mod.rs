@@ -141,3 +141,19 @@ fn man_pages_install_as_the_readme_says() {
         assert!(shown.status.success() && text.contains("NAME") && text.contains("tether"), "{shown:?}");
     }
 }
+
+/// `RUST_LOG=tether=debug` shows tether's debug lines (the subscriber's own
+/// maximum level once stopped them at INFO, whatever RUST_LOG said).
+#[test]
+fn rust_log_debug_shows_debug_lines() {
+    let consul = Consul::start();
+    let mut server = HealthServer::start(0, &[]);
+    let setup = Setup::consul(&consul, "");
+    setup.write_service("a.toml", &format!("name = \"alpha\"\nid = \"alpha\"\nport = {}\n[check]\ninterval = \"500ms\"\n", server.port));
+    let tether = setup.start_with_env(&[("RUST_LOG", "info,tether=debug")]);
+    consul.wait_health("alpha", "passing", std::time::Duration::from_secs(20));
+    server.set("not_serving");
+    consul.wait_health("alpha", "critical", std::time::Duration::from_secs(20));
+    tether.wait_log("health written", std::time::Duration::from_secs(20));
+    assert!(tether.log().lines().any(|l| l.contains("DEBUG") && l.contains("health written")), "{}", tether.log());
+}
