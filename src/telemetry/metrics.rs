@@ -87,7 +87,7 @@ impl Metrics {
         );
         registry.register(
             "heartbeat_late",
-            "Liveness heartbeats that went out (or came back) later than a third of the TTL after the previous success",
+            "Liveness heartbeats that succeeded later than 1.5 heartbeat periods (half the TTL) after the previous success",
             m.heartbeat_late.clone(),
         );
         registry.register("heartbeat_duration_seconds", "Round trips of liveness heartbeats", m.heartbeat_seconds.clone());
