@@ -36,10 +36,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     tracing::info!(config = %config.path.display(), services_dir = %config.services_dir.display(), owner = %config.owner(), backend = config.backend.kind().as_str(), "tether starting");
     // Never two owners of one identity: on this host, a lock; see `identity`.
     let lock = identity::lock(&config)?;
-    let endpoint = match &config.backend {
-        BackendConfig::Consul(c) => c.address.clone(),
-        BackendConfig::Etcd(e) => e.endpoints.join(","),
-    };
+    let endpoint = config.registry_endpoint();
     let telemetry = Arc::new(Telemetry::new(&config.node, config.backend.kind().as_str(), &endpoint));
     telemetry.with_status(|s| s.instance = config.instance.clone());
     if let Some(addr) = config.listen {

@@ -79,7 +79,7 @@ fn legacy_registry_hash(config: &AgentConfig) -> u64 {
 }
 
 /// LEGACY: where an older tether kept the identity lock (and, with
-/// `.drained`, the drains). See [`legacy_registry_hash`].
+/// `.drained`, the drains). See `legacy_registry_hash`.
 pub fn legacy_lock_path(config: &AgentConfig) -> PathBuf {
     config.runtime_dir().join(format!("{}-{:016x}.lock", config.owner().label(), legacy_registry_hash(config)))
 }

@@ -92,7 +92,7 @@ pub async fn run<H: Heartbeat>(
                 telemetry.with_status(|s| s.backend.last_heartbeat = Some(rfc3339(SystemTime::now())));
             }
             Err(e) => {
-                m.error("heartbeat", e.kind);
+                m.error("heartbeat", e.kind.as_str(), e.kind.class().as_str());
                 let delay = retry.next_delay().min(every);
                 next = Instant::now() + jitter(delay);
                 if failures.send(Failed(e)).await.is_err() {

@@ -47,8 +47,6 @@ use writer::{Done, Work};
 
 pub use self::core::WAITING;
 
-/// Period of anti-entropy when nothing goes wrong (±20 % jitter).
-pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(30);
 /// While some write is refused, how often the credential files are looked at.
 const CREDENTIALS_EVERY: Duration = Duration::from_secs(1);
 /// The loop turns at least this often when idle (the loop-alive mark that

@@ -39,7 +39,7 @@ pub async fn run<R: Registry>(mut registry: R, mut work: mpsc::Receiver<Work>, d
                         Outcome::Done => m.op(w.op()),
                         Outcome::Failed(e) => {
                             m.op(w.op());
-                            m.error(w.op(), e.kind);
+                            m.error(w.op(), e.kind.as_str(), e.kind.class().as_str());
                         }
                         Outcome::NotTried => {}
                     }
@@ -50,7 +50,7 @@ pub async fn run<R: Registry>(mut registry: R, mut work: mpsc::Receiver<Work>, d
                 let result = registry.sync_agent(&agent).await;
                 m.op("list");
                 if let Err(e) = &result {
-                    m.error("list", e.kind);
+                    m.error("list", e.kind.as_str(), e.kind.class().as_str());
                 }
                 Done::Sync(agent, result)
             }

@@ -42,7 +42,7 @@ impl AgentInfo {
 pub struct RemoteEntry {
     pub id: String,
     pub name: String,
-    /// Compared with [`Registry::fingerprint`] of the desired spec.
+    /// Compared with [`View::fingerprint`] of the desired spec.
     pub fingerprint: String,
     pub health: Option<Health>,
     /// In maintenance (drained) on a registry that keeps drained records (Consul).

@@ -124,8 +124,9 @@ impl Metrics {
         self.registry_ops.get_or_create(&l(&[("backend", &self.backend), ("op", op)])).inc();
     }
 
-    pub fn error(&self, op: &str, kind: crate::registry::ErrorKind) {
-        let labels = l(&[("backend", &self.backend), ("op", op), ("kind", kind.as_str()), ("class", kind.class().as_str())]);
+    /// A failed registry operation: its error's kind and class (transient or permanent).
+    pub fn error(&self, op: &str, kind: &str, class: &str) {
+        let labels = l(&[("backend", &self.backend), ("op", op), ("kind", kind), ("class", class)]);
         self.registry_errors.get_or_create(&labels).inc();
     }
 

@@ -23,7 +23,7 @@
 //! alone.
 //!
 //! The rules of what a service should be in the registry are in
-//! [`desired`]; drain requests and status snapshots in [`control`].
+//! `desired.rs`; drain requests and status snapshots in `control.rs`.
 
 mod control;
 mod desired;
@@ -183,7 +183,7 @@ impl<V: View> Core<V> {
             stale: true,
             sync_due: true,
             next_anti_entropy: now + Duration::from_secs(86400),
-            anti_entropy_every: super::ANTI_ENTROPY_EVERY,
+            anti_entropy_every: crate::config::agent::ANTI_ENTROPY_EVERY,
             retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
             retry_refused: Backoff::new(REFUSED_FIRST, REFUSED_CAP),
             refused_warned: None,
