@@ -32,11 +32,6 @@ impl Backoff {
         d
     }
 
-    /// The delay last handed out, if any since the last reset.
-    pub fn current(&self) -> Option<Duration> {
-        self.current
-    }
-
     /// Whether the last attempt failed (a delay was handed out since the last reset).
     pub fn is_retrying(&self) -> bool {
         self.current.is_some()
@@ -44,10 +39,6 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.current = None;
-    }
-
-    pub fn set_cap(&mut self, cap: Duration) {
-        self.cap = cap.max(self.first);
     }
 }
 

@@ -179,6 +179,7 @@ impl DrainFile {
         }
     }
 
+    #[cfg(test)]
     pub fn contains(&self, id: &str) -> bool {
         self.ids.contains(id)
     }
@@ -195,12 +196,14 @@ impl DrainFile {
     }
 
     /// Record `id` as drained or not (kept by the next [`DrainFile::save`]).
+    #[cfg(test)]
     pub fn set(&mut self, id: &str, drained: bool) {
         self.dirty |= if drained { self.ids.insert(id.to_string()) } else { self.ids.remove(id) };
     }
 
     /// Forget the drains of services that no longer exist (their files went
     /// while tether was not running).
+    #[cfg(test)]
     pub fn retain(&mut self, exists: impl Fn(&str) -> bool) {
         let before = self.ids.len();
         self.ids.retain(|id| exists(id));

@@ -14,15 +14,15 @@
 //! Health code never talks to a registry; backends never decide health; only
 //! the reconciler writes to the registry. See ARCHITECTURE.md.
 
-pub mod app;
-pub mod backoff;
+pub(crate) mod app;
+pub(crate) mod backoff;
 pub mod cli;
-pub mod config;
-pub mod control;
-pub mod error;
-pub mod health;
-pub mod identity;
-pub mod reconcile;
-pub mod registry;
-pub mod telemetry;
-pub mod timer;
+pub(crate) mod config;
+pub(crate) mod control;
+pub(crate) mod error;
+pub(crate) mod health;
+pub(crate) mod identity;
+pub(crate) mod reconcile;
+pub(crate) mod registry;
+pub(crate) mod telemetry;
+pub(crate) mod timer;

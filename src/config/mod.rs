@@ -15,6 +15,6 @@ pub mod service;
 pub mod tls;
 pub mod watch;
 
-pub use agent::{AgentConfig, BackendConfig, BackendKind, ConsulConfig, Defaults, EtcdConfig, Owner};
+pub use agent::{AgentConfig, BackendConfig, BackendKind, Defaults, EtcdConfig, Owner};
 pub use error::ConfigError;
 pub use service::{CheckMode, CheckSpec, ServiceSpec};

@@ -94,10 +94,6 @@ impl Loader {
         Loader { dir, defaults, last_good: HashMap::new() }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Read the directory. If it cannot be read at all, every running service
     /// is kept as it was (an unmounted volume must not deregister everything).
     pub fn scan(&mut self) -> Scan {

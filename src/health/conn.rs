@@ -123,11 +123,6 @@ impl Connections {
         }
         Ok(Lease { conn, watch })
     }
-
-    /// Open connections (for tests and status).
-    pub fn count(&self) -> usize {
-        lock(&self.inner).values().flatten().filter(|w| w.strong_count() > 0).count()
-    }
 }
 
 impl Lease {

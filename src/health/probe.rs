@@ -131,6 +131,7 @@ impl Probe {
     }
 
     /// How many Watch streams this probe has cancelled so far.
+    #[cfg(test)]
     pub fn cancels(&self) -> u64 {
         self.cancels
     }

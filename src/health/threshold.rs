@@ -16,11 +16,6 @@ impl Threshold {
         Threshold { rise: rise.max(1), fall: fall.max(1), state: None, passes: 0, fails: 0 }
     }
 
-    /// The decided state; `None` until the first decision.
-    pub fn state(&self) -> Option<Status> {
-        self.state
-    }
-
     /// Take `status` as already decided (reported by other means), so that
     /// only a change from it is reported.
     pub fn assume(&mut self, status: Status) {

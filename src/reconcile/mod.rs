@@ -45,8 +45,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use writer::{Done, Work};
 
-pub use self::core::WAITING;
-
 /// While some write is refused, how often the credential files are looked at.
 const CREDENTIALS_EVERY: Duration = Duration::from_secs(1);
 /// The loop turns at least this often when idle (the loop-alive mark that

@@ -63,6 +63,7 @@ impl Queue {
         self.writes.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }

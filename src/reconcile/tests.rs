@@ -3,7 +3,7 @@
 //! what tether sends when, not about any registry's behaviour: the real
 //! registries are exercised by the integration tests.
 
-use super::core::REFUSED_CAP;
+use super::core::{REFUSED_CAP, WAITING};
 use super::*;
 use crate::backoff::lock;
 use crate::config::{CheckMode, CheckSpec};

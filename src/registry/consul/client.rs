@@ -87,17 +87,11 @@ pub struct AgentService {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct AgentCheck {
-    #[serde(rename = "CheckID")]
-    pub check_id: String,
-    #[serde(default)]
-    pub name: String,
     pub status: String,
     #[serde(default)]
     pub output: String,
     #[serde(default)]
     pub notes: String,
-    #[serde(rename = "ServiceID", default)]
-    pub service_id: String,
 }
 
 #[derive(Serialize)]
