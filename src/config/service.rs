@@ -94,10 +94,10 @@ struct RawCheck {
     rise: Option<Spanned<i64>>,
     fall: Option<Spanned<i64>>,
     tls: Option<bool>,
-    ca_file: Option<PathBuf>,
-    server_name: Option<String>,
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
+    ca_file: Option<Spanned<PathBuf>>,
+    server_name: Option<Spanned<String>>,
+    cert_file: Option<Spanned<PathBuf>>,
+    key_file: Option<Spanned<PathBuf>>,
 }
 
 /// Meta keys tether writes itself; a service file may not set them.
@@ -161,12 +161,8 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         }
     }
     let mut meta = BTreeMap::new();
-    if raw.meta.len() > 62 {
-        return Err(ConfigError::new(
-            path,
-            format!("{} meta keys, more than the 62 a service may have", raw.meta.len()),
-            "drop some meta keys",
-        ));
+    if let Some(k) = raw.meta.keys().nth(62) {
+        return Err(err(k.span(), format!("{} meta keys, more than the 62 a service may have", raw.meta.len()), "drop some meta keys"));
     }
     for (k, v) in &raw.meta {
         let key = k.get_ref();
@@ -248,14 +244,24 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
     };
     let rise = threshold(&c.rise, "rise")?;
     let fall = threshold(&c.fall, "fall")?;
-    let wants_tls = c.ca_file.is_some() || c.cert_file.is_some() || c.key_file.is_some() || c.server_name.is_some();
+    // The first TLS key, to point at when `tls = true` is missing.
+    let tls_key = [c.ca_file.as_ref().map(Spanned::span), c.cert_file.as_ref().map(Spanned::span), c.key_file.as_ref().map(Spanned::span)]
+        .into_iter()
+        .chain([c.server_name.as_ref().map(Spanned::span)])
+        .flatten()
+        .min_by_key(|r| r.start);
     let tls = match c.tls {
         Some(true) => {
-            let raw = RawTls { ca_file: c.ca_file, cert_file: c.cert_file, key_file: c.key_file, tls_server_name: c.server_name };
+            let raw = RawTls {
+                ca_file: c.ca_file.map(Spanned::into_inner),
+                cert_file: c.cert_file.map(Spanned::into_inner),
+                key_file: c.key_file.map(Spanned::into_inner),
+                tls_server_name: c.server_name.map(Spanned::into_inner),
+            };
             Some(TlsConfig::from_raw(path, raw, path.parent().unwrap_or(Path::new(".")), "check")?)
         }
-        _ if wants_tls => {
-            return Err(ConfigError::new(path, "[check] has TLS files but tls is not true", "add `tls = true` to [check]"));
+        _ if tls_key.is_some() => {
+            return Err(err(tls_key.expect("some"), "[check] has TLS files but tls is not true".into(), "add `tls = true` to [check]"));
         }
         _ => None,
     };
@@ -359,6 +365,17 @@ fall = 3
         assert_eq!(s.check.mode, CheckMode::Watch);
         assert_eq!(s.ttl, Duration::from_secs(15));
         assert_eq!(s.deregister_critical_after, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn tls_keys_without_tls_and_too_many_meta_keys_name_the_place() {
+        let e = parse_str("name = \"orders\"\nport = 1\n[check]\nmode = \"poll\"\nca_file = \"ca.pem\"\n").unwrap_err();
+        assert_eq!(e.place.map(|p| p.0), Some(5), "{e}");
+        assert!(e.to_string().contains("tls is not true"), "{e}");
+        let meta: String = (0..63).map(|i| format!("k{i:02} = \"v\"\n")).collect();
+        let e = parse_str(&format!("name = \"orders\"\nport = 1\n[meta]\n{meta}")).unwrap_err();
+        assert!(e.place.is_some_and(|p| p.0 > 3), "{e}");
+        assert!(e.to_string().contains("63 meta keys"), "{e}");
     }
 
     #[test]
