@@ -43,7 +43,7 @@ pub struct Metrics {
     pub services: Gauge,
 }
 
-fn l(pairs: &[(&str, &str)]) -> Labels {
+fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
@@ -105,7 +105,7 @@ impl Metrics {
         registry.register("config_errors", "Service files currently failing to load", m.config_errors.clone());
         registry.register("services", "Services currently managed", m.services.clone());
         let build: Family<Labels, Gauge> = Family::default();
-        build.get_or_create(&l(&[("version", env!("CARGO_PKG_VERSION")), ("backend", backend)])).set(1);
+        build.get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION")), ("backend", backend)])).set(1);
         registry.register("build_info", "tether's version and backend", build);
         Metrics { registry, ..m }
     }
@@ -117,21 +117,21 @@ impl Metrics {
     }
 
     pub fn service(id: &str) -> Labels {
-        l(&[("service", id)])
+        labels(&[("service", id)])
     }
 
     pub fn op(&self, op: &str) {
-        self.registry_ops.get_or_create(&l(&[("backend", &self.backend), ("op", op)])).inc();
+        self.registry_ops.get_or_create(&labels(&[("backend", &self.backend), ("op", op)])).inc();
     }
 
     /// A failed registry operation: its error's kind and class (transient or permanent).
     pub fn error(&self, op: &str, kind: &str, class: &str) {
-        let labels = l(&[("backend", &self.backend), ("op", op), ("kind", kind), ("class", class)]);
+        let labels = labels(&[("backend", &self.backend), ("op", op), ("kind", kind), ("class", class)]);
         self.registry_errors.get_or_create(&labels).inc();
     }
 
     pub fn transition(&self, id: &str, to: &str) {
-        self.service_transitions.get_or_create(&l(&[("service", id), ("to", to)])).inc();
+        self.service_transitions.get_or_create(&labels(&[("service", id), ("to", to)])).inc();
     }
 
     /// Drop the per-service series of a removed service.
@@ -142,7 +142,7 @@ impl Metrics {
         self.service_last_write.remove(&s);
         self.service_drained.remove(&s);
         for to in ["passing", "critical"] {
-            self.service_transitions.remove(&l(&[("service", id), ("to", to)]));
+            self.service_transitions.remove(&labels(&[("service", id), ("to", to)]));
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Drain requests and what the task around the core publishes of a service.
 
-use super::{Core, ErrorClass, WAITING};
+use super::{Cause, Core, ErrorClass, WAITING};
 use crate::control::{DrainState, Request, Response};
 use crate::registry::{View, Write};
 use crate::telemetry::metrics::Metrics;
@@ -48,7 +48,7 @@ impl<V: View> Core<V> {
                     tracing::info!(service = %id, "{}", if on { "drain requested" } else { "undrain requested" });
                     self.metrics.metrics.service_drained.get_or_create(&Metrics::service(id)).set(i64::from(on));
                 }
-                self.sync(id, true, now);
+                self.reconcile(id, Cause::Change, now);
             }
             // One rewrite per request, however many services it drained.
             if changed {

@@ -2,7 +2,7 @@
 //! anti-entropy re-reads it; a permanent one of a write holds only its
 //! service (see `written`), and is tried again when credentials change.
 
-use super::{Core, REMIND_EVERY};
+use super::{Cause, Core, REMIND_EVERY};
 use crate::backoff::jitter;
 use crate::registry::{ErrorClass, ErrorKind, RegistryError, View};
 use tokio::time::Instant;
@@ -17,7 +17,7 @@ impl<V: View> Core<V> {
             if let Some(r) = self.entries.get_mut(&id).and_then(|e| e.refused.as_mut()) {
                 r.until = now;
             }
-            self.sync(&id, true, now);
+            self.reconcile(&id, Cause::Change, now);
         }
     }
 
@@ -41,7 +41,7 @@ impl<V: View> Core<V> {
         self.stale = true;
         self.sync_due = false;
         self.queue.clear();
-        self.ae_report = None;
+        self.in_sync_report = None;
         self.next_anti_entropy = now + jitter(delay);
         let retry_in = humantime::format_duration(delay).to_string();
         match (e.kind, class) {

@@ -111,6 +111,15 @@ struct Entry {
     generation: u64,
 }
 
+/// Why a service is reconciled: its writes queue by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cause {
+    /// Its file, health, drain or a deadline changed: urgent.
+    Change,
+    /// Anti-entropy found it differs: a fix, behind every urgent write.
+    AntiEntropy,
+}
+
 /// A probe the task around the core must start or stop.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProbeChange {
@@ -160,7 +169,7 @@ pub struct Core<V: View> {
     undecided: usize,
     undecided_until: Instant,
     /// Set by an anti-entropy read: (fixes, after errors); reported once its fixes are written.
-    ae_report: Option<(u64, bool)>,
+    in_sync_report: Option<(u64, bool)>,
     queue: Queue,
     /// Fixes queued by the current anti-entropy pass.
     fixes: u64,
@@ -190,7 +199,7 @@ impl<V: View> Core<V> {
             refused: 0,
             undecided: 0,
             undecided_until: now,
-            ae_report: None,
+            in_sync_report: None,
             queue: Queue::default(),
             fixes: 0,
             timers: BinaryHeap::new(),
@@ -318,7 +327,7 @@ impl<V: View> Core<V> {
             self.sync_due = true;
         }
         for id in touched {
-            self.sync(&id, true, now);
+            self.reconcile(&id, Cause::Change, now);
         }
     }
 
@@ -344,7 +353,7 @@ impl<V: View> Core<V> {
             self.undecided -= 1;
         }
         entry.health = Some(change.health);
-        self.sync(&change.id, true, now);
+        self.reconcile(&change.id, Cause::Change, now);
     }
 
     /// Deadlines that passed: services are synced, anti-entropy becomes due.
@@ -358,7 +367,7 @@ impl<V: View> Core<V> {
                 break;
             }
             let Reverse((_, id)) = self.timers.pop().expect("peeked");
-            self.sync(&id, true, now);
+            self.reconcile(&id, Cause::Change, now);
         }
     }
 
@@ -391,7 +400,7 @@ impl<V: View> Core<V> {
     /// its first result (or its grace ran out): report it.
     fn report_in_sync(&mut self, now: Instant) {
         if self.undecided == 0 || now >= self.undecided_until {
-            if let Some(report) = self.ae_report.take() {
+            if let Some(report) = self.in_sync_report.take() {
                 self.out.in_sync = Some(report);
             }
         }
@@ -399,7 +408,7 @@ impl<V: View> Core<V> {
 
     /// Queue (or un-queue) the write that makes the registry hold the desired
     /// view of one service. Touches only that service; its status changed.
-    fn sync(&mut self, id: &str, urgent: bool, now: Instant) {
+    fn reconcile(&mut self, id: &str, cause: Cause, now: Instant) {
         self.out.changed.insert(id.to_string());
         if self.stale {
             return;
@@ -414,6 +423,7 @@ impl<V: View> Core<V> {
         }
         match self.needed_write(entry, now) {
             Some(w) => {
+                let urgent = cause == Cause::Change;
                 if !urgent {
                     self.fixes += 1;
                 }
@@ -497,7 +507,7 @@ impl<V: View> Core<V> {
                 }
                 Outcome::NotTried => {}
             }
-            self.sync(&id, true, now);
+            self.reconcile(&id, Cause::Change, now);
         }
         if let Some((id, e)) = failed {
             self.registry_error(&format!("writing service {id}"), e, now);
@@ -532,7 +542,7 @@ impl<V: View> Core<V> {
         }
         let ids: Vec<String> = self.entries.keys().cloned().collect();
         for id in &ids {
-            self.sync(id, false, now);
+            self.reconcile(id, Cause::AntiEntropy, now);
         }
         let m = &self.metrics.metrics;
         m.anti_entropy_runs.inc();
@@ -540,7 +550,7 @@ impl<V: View> Core<V> {
         if was_retrying {
             m.registry_reconnects.inc();
         }
-        self.ae_report = Some((self.fixes, was_retrying));
+        self.in_sync_report = Some((self.fixes, was_retrying));
         self.out.backend = Some(None);
     }
 }
