@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! config/     files → desired ServiceSpecs   (agent.rs, service.rs, scan.rs, watch.rs)
-//! health/     grpc.health.v1 probes → health changes   (probe.rs, threshold.rs, supervisor.rs)
-//! reconcile/  the one writer: desired specs + health → registry records; anti-entropy; heartbeats
+//! health/     grpc.health.v1 probes → health changes   (rpc.rs, conn.rs, probe.rs, threshold.rs, supervisor.rs)
+//! reconcile/  desired specs + health → registry writes: core/ decides (no I/O), mod.rs moves
+//!             messages, writer.rs is the one writer, heartbeat.rs the liveness lane
 //! registry/   the Registry trait and its backends (consul/, etcd/)
 //! app.rs      wires the pipeline, signals and shutdown
 //! cli/        run | validate | check | drain | undrain | status, one file each
