@@ -85,11 +85,7 @@ fn tether_killed_keys_expire_and_restart_rewrites_nothing() {
     tether.restart();
     tether.wait_log("adopted tether's existing etcd lease", T);
     tether.wait_log("anti-entropy: registry in sync", T);
-    let until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < until {
-        assert!(key_present(&etcd, key), "no blip on restart");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    holds_for(Duration::from_secs(2), Duration::from_millis(50), || assert!(key_present(&etcd, key), "no blip on restart"));
     // Only tether's own agent record (_tether/agents/...) is rewritten: stopped, then alive.
     assert_eq!(revisions(&etcd), before, "a restart rewrote no service key");
 
@@ -149,12 +145,10 @@ fn three_node_cluster_survives_leader_loss_and_a_member_stop() {
     etcd.stop_member(leader);
     eprintln!("etcd: stopped leader m{leader}");
     // Several TTLs pass: the key must stay on its lease the whole time.
-    let until = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < until {
+    holds_for(Duration::from_secs(8), Duration::from_millis(200), || {
         let kvs = etcd.get_prefix(key);
         assert_eq!(kvs.len(), 1, "key kept while the leader is gone");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
     assert!(etcd.lease_ttl(lease).0 > 0, "keepalive continued");
 
     etcd.start_member(leader);
@@ -162,11 +156,9 @@ fn three_node_cluster_survives_leader_loss_and_a_member_stop() {
     let other = (0..3).find(|i| *i != etcd.leader()).unwrap();
     etcd.stop_member(other);
     eprintln!("etcd: stopped member m{other}");
-    let until = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < until {
-        assert_eq!(etcd.get_prefix(key).len(), 1, "key kept with one member down");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    holds_for(Duration::from_secs(8), Duration::from_millis(200), || {
+        assert_eq!(etcd.get_prefix(key).len(), 1, "key kept with one member down")
+    });
     assert!(etcd.lease_ttl(lease).0 > 0, "keepalive continued");
     assert_eq!(etcd.get_prefix("services/").len(), 1, "never a duplicate");
     assert!(!tether.log().contains("lease not found"), "{}", tether.log());

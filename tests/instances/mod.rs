@@ -33,14 +33,8 @@ fn passing(consul: &Consul, id: &str) -> bool {
     consul.health(id).is_some_and(|c| c.0 == "passing") && consul.service_status(id).as_deref() == Some("passing")
 }
 
-/// Watch `f` hold for `window` (several anti-entropy passes at 1 s).
-fn holds(window: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + window;
-    while Instant::now() < until {
-        assert!(f(), "{what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+/// How often a `holds_for` window (several anti-entropy passes at 1 s) looks.
+const LOOK: Duration = Duration::from_millis(100);
 
 #[test]
 fn two_instances_on_one_consul_coexist_and_stop_alone() {
@@ -57,8 +51,8 @@ fn two_instances_on_one_consul_coexist_and_stop_alone() {
     let services = consul.services();
     assert_eq!(services[&ida]["Meta"]["tether-instance"], "pod-a");
     assert!(services.contains_key("tether-node-a@pod-a") && services.contains_key("tether-node-a@pod-b"), "one liveness service each");
-    holds(Duration::from_secs(5), "both stay registered and passing across anti-entropy passes", || {
-        passing(&consul, &ida) && passing(&consul, &idb)
+    holds_for(Duration::from_secs(5), LOOK, || {
+        assert!(passing(&consul, &ida) && passing(&consul, &idb), "both stay registered and passing across anti-entropy passes")
     });
 
     // SIGKILL pod-a's agent: only its service turns critical (its liveness TTL).
@@ -72,7 +66,7 @@ fn two_instances_on_one_consul_coexist_and_stop_alone() {
     // SIGTERM pod-b's agent: only its service is deregistered.
     tb.stop();
     consul.wait_gone(&idb, T);
-    holds(Duration::from_secs(3), "pod-a's service stays", || passing(&consul, &ida));
+    holds_for(Duration::from_secs(3), LOOK, || assert!(passing(&consul, &ida), "pod-a's service stays"));
     assert_eq!(consul_ids(&consul, "orders"), std::slice::from_ref(&ida));
     assert!(!ta.log().contains("removing a registration"), "pod-a never removed anything:\n{}", ta.log());
 }
@@ -96,12 +90,12 @@ fn two_instances_on_one_etcd_coexist_and_stop_alone() {
     });
     let leases: Vec<i64> = etcd.get_prefix("services/").iter().map(|k| k.2).collect();
     assert_ne!(leases[0], leases[1], "one lease per agent");
-    holds(Duration::from_secs(5), "both keys stay across anti-entropy passes", || keys(&etcd).len() == 2);
+    holds_for(Duration::from_secs(5), LOOK, || assert!(keys(&etcd).len() == 2, "both keys stay across anti-entropy passes"));
 
     // SIGTERM pod-a: only its key goes (its lease is revoked).
     ta.stop();
     wait_for(T, "pod-a's key gone", || (!keys(&etcd).contains(&ka)).then_some(()));
-    holds(Duration::from_secs(3), "pod-b's key stays", || keys(&etcd) == [kb.clone()]);
+    holds_for(Duration::from_secs(3), LOOK, || assert!(keys(&etcd) == [kb.clone()], "pod-b's key stays"));
     // SIGKILL pod-b: its key expires with its lease; restarting pod-a brings back only pod-a's.
     tb.signal(Signal::SIGKILL);
     wait_for(T, "pod-b's key expired", || keys(&etcd).is_empty().then_some(()));
@@ -145,7 +139,7 @@ fn same_identity_is_refused_on_consul_and_a_crash_restart_is_not() {
     second_agent_is_refused(&a, &Setup::consul(&consul, ""), Some(&ta.runtime_dir()), untouched);
     // Another runtime directory (as from another host): the registry.
     second_agent_is_refused(&a, &Setup::consul(&consul, ""), None, untouched);
-    holds(Duration::from_secs(2), "the first agent carries on", untouched);
+    holds_for(Duration::from_secs(2), LOOK, || assert!(untouched(), "the first agent carries on"));
 
     // A restart after SIGKILL is not refused, and re-registers nothing.
     ta.signal(Signal::SIGKILL);
@@ -168,7 +162,7 @@ fn same_identity_is_refused_on_etcd() {
     let untouched = || keys(&etcd) == [key.clone()];
     second_agent_is_refused(&a, &Setup::etcd(&etcd, ""), Some(&ta.runtime_dir()), untouched);
     second_agent_is_refused(&a, &Setup::etcd(&etcd, ""), None, untouched);
-    holds(Duration::from_secs(2), "the first agent carries on", untouched);
+    holds_for(Duration::from_secs(2), LOOK, || assert!(untouched(), "the first agent carries on"));
 }
 
 fn cli_ok(t: &Tether, args: &[&str]) -> String {
@@ -213,7 +207,7 @@ fn drain_and_undrain_on_consul_survive_a_reload() {
     consul.wait_health("alpha", "passing", T);
     tether.signal(Signal::SIGHUP);
     tether.wait_log("SIGHUP", T);
-    holds(Duration::from_secs(3), "alpha stays drained", || consul.checks().contains_key("_service_maintenance:alpha"));
+    holds_for(Duration::from_secs(3), LOOK, || assert!(consul.checks().contains_key("_service_maintenance:alpha"), "alpha stays drained"));
     let state = cli_ok(&tether, &["drain", "alpha"]);
     assert!(state.contains("drained alpha"), "{state}");
 
@@ -251,7 +245,7 @@ fn a_drain_survives_a_restart_of_tether_until_undrained() {
     tether.restart();
     tether.wait_log("anti-entropy: registry in sync", T);
     assert!(tether.log().contains("kept from before tether restarted"), "{}", tether.log());
-    holds(Duration::from_secs(3), "alpha stays drained after a crash and restart", || maintenance(&consul));
+    holds_for(Duration::from_secs(3), LOOK, || assert!(maintenance(&consul), "alpha stays drained after a crash and restart"));
     assert!(passing(&consul, "beta"), "beta untouched");
 
     // A clean stop deregisters both; the next run registers alpha drained.
@@ -262,7 +256,7 @@ fn a_drain_survives_a_restart_of_tether_until_undrained() {
     tether.restart();
     wait_for(T, "alpha back, in maintenance", || maintenance(&consul).then_some(()));
     wait_for(T, "beta passing again", || passing(&consul, "beta").then_some(()));
-    holds(Duration::from_secs(2), "alpha stays drained", || maintenance(&consul));
+    holds_for(Duration::from_secs(2), LOOK, || assert!(maintenance(&consul), "alpha stays drained"));
 
     // An undrain ends it for good: the next restart does not bring it back.
     cli_ok(&tether, &["undrain", "alpha", "--wait"]);
@@ -270,7 +264,9 @@ fn a_drain_survives_a_restart_of_tether_until_undrained() {
     tether.restart();
     tether.wait_log("anti-entropy: registry in sync", T);
     assert!(!tether.log().contains("kept from before"), "{}", tether.log());
-    holds(Duration::from_secs(2), "alpha stays in the healthy set", || passing(&consul, "alpha") && !maintenance(&consul));
+    holds_for(Duration::from_secs(2), LOOK, || {
+        assert!(passing(&consul, "alpha") && !maintenance(&consul), "alpha stays in the healthy set")
+    });
 }
 
 #[test]
@@ -289,7 +285,7 @@ fn drain_and_undrain_on_etcd() {
     assert!(!present(&etcd), "--wait returned once the key was gone");
     tether.signal(Signal::SIGHUP);
     tether.wait_log("SIGHUP", T);
-    holds(Duration::from_secs(3), "stays drained across a reload and anti-entropy", || !present(&etcd));
+    holds_for(Duration::from_secs(3), LOOK, || assert!(!present(&etcd), "stays drained across a reload and anti-entropy"));
     cli_ok(&tether, &["undrain", "alpha", "--wait"]);
     assert!(present(&etcd), "--wait returned once the key was back");
 }

@@ -210,14 +210,12 @@ fn go_server_quiet_minute_no_blip_no_too_many_pings() {
 
     // A minute: grpc-go's default enforcement answers pings more often than
     // every 5 min with GOAWAY too_many_pings, which would make the services blip.
-    let until = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < until {
+    holds_for(Duration::from_secs(60), Duration::from_millis(250), || {
         for (key, id) in KEYS.iter().zip(IDS) {
             assert!(key_present(&both.etcd, key), "{key} blipped; logs:\n{}", both.logs());
             assert_eq!(both.consul.health(id).unwrap().0, "passing", "{id} blipped; logs:\n{}", both.logs());
         }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    });
     let revs_after: Vec<_> = KEYS.iter().map(|k| revisions(&both.etcd, k).unwrap()).collect();
     assert_eq!(revs_after, revs, "etcd keys never rewritten, never deleted");
     assert_eq!(consul_check_indexes(&both.consul), checks, "Consul checks never changed");

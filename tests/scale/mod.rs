@@ -68,11 +68,7 @@ fn consul_thousand(delay: Option<Duration>) {
     };
     wait_every(CONVERGE, Duration::from_millis(500), "1,000 services passing in Consul", || (look(&consul) == all.len()).then_some(()));
     eprintln!("scale: consul (delay {delay:?}): 1,000 passing {:?} after start", start.elapsed());
-    let hold = Instant::now();
-    while hold.elapsed() < HOLD {
-        assert_eq!(look(&consul), all.len(), "every service stays passing");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    holds_for(HOLD, Duration::from_millis(500), || assert_eq!(look(&consul), all.len(), "every service stays passing"));
     assert!(!consul.log_text().contains("missed TTL"), "no TTL check ever expired:\n{}", consul.log_text());
     let log = tether.log();
     assert_eq!(count(&log, "registered service="), all.len(), "each service registered once: nothing reaped and re-registered");
@@ -97,13 +93,11 @@ fn etcd_thousand(delay: Option<Duration>) {
     eprintln!("scale: etcd (delay {delay:?}): 1,000 keys {:?} after start", start.elapsed());
     let lease = keys[0].2;
     assert!(keys.iter().all(|k| k.2 == lease && lease != 0), "all keys on one lease");
-    let hold = Instant::now();
-    while hold.elapsed() < HOLD {
+    holds_for(HOLD, Duration::from_secs(1), || {
         let kvs = etcd.get_prefix("services/");
         assert_eq!(kvs.len(), n, "every key stays");
         assert!(kvs.iter().all(|k| k.2 == lease), "the lease never lapsed or changed");
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    });
     let (remaining, granted) = etcd.lease_ttl(lease);
     assert!(remaining > 0 && granted == 15, "lease alive: {remaining}/{granted}");
     let log = tether.log();

@@ -61,6 +61,16 @@ pub fn wait_every<T>(limit: Duration, period: Duration, what: &str, mut f: impl 
     }
 }
 
+/// Run `f`, which asserts what must keep holding, every `period` for
+/// `window`: the first look that fails fails the test with `f`'s own message.
+pub fn holds_for(window: Duration, period: Duration, mut f: impl FnMut()) {
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        f();
+        std::thread::sleep(period);
+    }
+}
+
 fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap()
 }
