@@ -6,7 +6,7 @@
 
 use super::core::{Core, ProbeChange, REFUSED_CAP, WAITING};
 use super::writer::{Done, Work};
-use crate::config::{CheckMode, CheckSpec, ServiceSpec};
+use crate::config::ServiceSpec;
 use crate::control::Request;
 use crate::health::supervisor::HealthChange;
 use crate::health::{Health, Status};
@@ -61,28 +61,10 @@ struct Sim {
     syncs: usize,
 }
 
+/// The reconciler tests' service, on `port`, critical for an hour before
+/// it is deregistered (longer than any test runs).
 fn spec(id: &str, port: u16) -> ServiceSpec {
-    ServiceSpec {
-        file: format!("/etc/tether/services.d/{id}.toml").into(),
-        id: id.into(),
-        name: id.into(),
-        address: "10.0.0.1".into(),
-        port,
-        tags: vec![],
-        meta: BTreeMap::new(),
-        ttl: Duration::from_secs(15),
-        deregister_critical_after: Duration::from_secs(3600),
-        check: CheckSpec {
-            target: "127.0.0.1:50051".into(),
-            service: String::new(),
-            mode: CheckMode::Watch,
-            interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(2),
-            rise: 1,
-            fall: 1,
-            tls: None,
-        },
-    }
+    ServiceSpec { port, deregister_critical_after: Duration::from_secs(3600), ..super::tests::spec(id, Duration::from_secs(15)) }
 }
 
 impl Sim {

@@ -161,7 +161,7 @@ impl Registry for Memory {
     }
 }
 
-fn spec(id: &str, ttl: Duration) -> ServiceSpec {
+pub(super) fn spec(id: &str, ttl: Duration) -> ServiceSpec {
     ServiceSpec {
         file: format!("/etc/tether/services.d/{id}.toml").into(),
         id: id.into(),
