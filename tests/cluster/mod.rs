@@ -145,8 +145,12 @@ fn minimal_policy_flips_reach_a_consumer_on_another_agent_and_sigterm_leaves_not
     orders.set("serving");
     wait_passing(&cluster, &tether, "orders", index, &["orders-1"], T);
     wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), T, &tether);
+    // Only the agent's version (read for a warning) needs more, and the
+    // README says so: that refusal is a debug line; nothing else is refused.
     let log = tether.log();
-    assert!(!log.contains("Permission denied"), "the README's policy lets tether do all it does:\n{log}");
+    let refused: Vec<&str> =
+        log.lines().filter(|l| l.contains("Permission denied") && !l.contains("could not read the Consul agent's version")).collect();
+    assert!(refused.is_empty(), "the README's policy lets tether do all it does:\n{log}");
 
     // SIGTERM: nothing of tether's is left on node A, as seen from B.
     tether.stop();
