@@ -53,6 +53,25 @@ pub struct ServiceStatus {
     /// Taken out of the healthy set by `tether drain`.
     #[serde(default)]
     pub drained: bool,
+    /// Set while the service is held out of the healthy set for flapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flapping: Option<Flapping>,
+}
+
+/// A flapping episode: the service is critical in the registry until it has
+/// been SERVING without a break for `hold`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Flapping {
+    /// When the episode started (RFC 3339).
+    pub since: String,
+    /// Health transitions in the detection window when it started.
+    pub transitions: u32,
+    /// Transitions since then that did not reach the registry.
+    pub suppressed: u64,
+    /// How long SERVING must last to end it ("10s"; doubled for a repeat episode).
+    pub hold: String,
+    /// When it ends if the service stays SERVING (RFC 3339); `None` while not SERVING.
+    pub until: Option<String>,
 }
 
 impl Status {

@@ -89,6 +89,7 @@ impl<V: View> Core<V> {
                 _ => None,
             },
             drained: e.drained,
+            flapping: None,
         })
     }
 
