@@ -34,6 +34,7 @@ pub(super) fn validate(config: &std::path::Path, paths: &[PathBuf], agent_only: 
         node: gethostname::gethostname().to_string_lossy().into_owned(),
         address: agent::primary_ip(),
         backend: crate::config::BackendKind::Consul,
+        damping: Default::default(),
     });
     let mut files = Vec::new();
     let dirs: Vec<PathBuf> = if paths.is_empty() { agent.iter().map(|a| a.services_dir.clone()).collect() } else { paths.to_vec() };

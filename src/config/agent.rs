@@ -32,6 +32,8 @@ pub struct Defaults {
     /// The host's primary non-loopback IP.
     pub address: String,
     pub backend: BackendKind,
+    /// `[damping]` of tether.toml: what a service file's own `[damping]` overrides.
+    pub damping: super::damping::Damping,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +120,8 @@ pub struct AgentConfig {
     pub listen: Option<SocketAddr>,
     pub deregister_on_shutdown: bool,
     pub backend: BackendConfig,
+    /// Flap damping defaults for every service.
+    pub damping: super::damping::Damping,
 }
 
 impl AgentConfig {
@@ -128,7 +132,7 @@ impl AgentConfig {
             None => self.node.clone(),
             Some(i) => format!("{}-{i}", self.node),
         };
-        Defaults { node, address: primary_ip(), backend: self.backend.kind() }
+        Defaults { node, address: primary_ip(), backend: self.backend.kind(), damping: self.damping }
     }
 
     pub fn owner(&self) -> Owner {
@@ -198,6 +202,7 @@ struct RawAgent {
     allow_remote_listen: Option<bool>,
     consul: Option<Spanned<RawConsul>>,
     etcd: Option<Spanned<RawEtcd>>,
+    damping: Option<super::damping::RawDamping>,
 }
 
 #[derive(Deserialize)]
@@ -382,6 +387,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             v
         }
     };
+    let damping = raw.damping.unwrap_or_default().over(&super::damping::Damping::default(), path, text)?;
     Ok(AgentConfig {
         path: path.to_path_buf(),
         services_dir,
@@ -392,6 +398,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         listen,
         deregister_on_shutdown: raw.deregister_on_shutdown.unwrap_or(true),
         backend,
+        damping,
     })
 }
 

@@ -7,6 +7,7 @@
 //! file-system events into "rescan now" signals.
 
 pub mod agent;
+pub mod damping;
 pub mod duration;
 pub mod error;
 pub mod file;

@@ -117,7 +117,7 @@ mod tests {
     use crate::config::BackendKind;
 
     fn defaults() -> Defaults {
-        Defaults { node: "n".into(), address: "10.0.0.1".into(), backend: BackendKind::Consul }
+        Defaults { node: "n".into(), address: "10.0.0.1".into(), backend: BackendKind::Consul, damping: Default::default() }
     }
 
     #[test]

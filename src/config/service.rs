@@ -1,6 +1,7 @@
 //! One service file (`services_dir/*.toml`) → a validated [`ServiceSpec`].
 
 use super::agent::{BackendKind, Defaults};
+use super::damping::{Damping, RawDamping};
 use super::duration::GoDuration;
 use super::error::{from_toml, ConfigError};
 use super::file::read_file;
@@ -64,6 +65,8 @@ pub struct ServiceSpec {
     pub ttl: Duration,
     pub deregister_critical_after: Duration,
     pub check: CheckSpec,
+    /// Flap damping: the agent's `[damping]` with this file's own over it.
+    pub damping: Damping,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +84,7 @@ struct RawService {
     deregister_critical_after: Option<Spanned<GoDuration>>,
     #[serde(default)]
     check: RawCheck,
+    damping: Option<RawDamping>,
 }
 
 #[derive(Deserialize, Default)]
@@ -210,6 +214,7 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         ));
     }
 
+    let damping = raw.damping.unwrap_or_default().over(&defaults.damping, path, text)?;
     let c = raw.check;
     let target = match &c.target {
         Some(t) => {
@@ -277,6 +282,7 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         ttl,
         deregister_critical_after,
         check: CheckSpec { target, service: c.service.unwrap_or_default(), mode, interval, timeout, rise, fall, tls },
+        damping,
     })
 }
 
@@ -315,7 +321,7 @@ mod tests {
     use super::*;
 
     fn defaults() -> Defaults {
-        Defaults { node: "web-1".into(), address: "10.1.1.1".into(), backend: BackendKind::Consul }
+        Defaults { node: "web-1".into(), address: "10.1.1.1".into(), backend: BackendKind::Consul, damping: Default::default() }
     }
 
     fn parse_str(text: &str) -> Result<ServiceSpec, ConfigError> {
@@ -414,7 +420,7 @@ mod fuzz {
     use proptest::prelude::*;
 
     fn defaults() -> Defaults {
-        Defaults { node: "n".into(), address: "10.0.0.1".into(), backend: BackendKind::Etcd }
+        Defaults { node: "n".into(), address: "10.0.0.1".into(), backend: BackendKind::Etcd, damping: Default::default() }
     }
 
     proptest! {

@@ -46,6 +46,11 @@ impl Queue {
     }
 
     /// Drop the queued write of a service, if any.
+    /// Whether a write of this service is queued.
+    pub fn contains(&self, id: &str) -> bool {
+        self.writes.contains_key(id)
+    }
+
     pub fn remove(&mut self, id: &str) {
         if let Some((_, true)) = self.writes.remove(id) {
             self.urgent_count -= 1;

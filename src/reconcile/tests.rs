@@ -182,6 +182,7 @@ pub(super) fn spec(id: &str, ttl: Duration) -> ServiceSpec {
             fall: 1,
             tls: None,
         },
+        damping: Default::default(),
     }
 }
 

@@ -4,7 +4,7 @@ use super::{Cause, Core, ErrorClass, WAITING};
 use crate::control::{DrainState, Request, Response};
 use crate::registry::{View, Write};
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::status::ServiceStatus;
+use crate::telemetry::status::{Flapping, ServiceStatus};
 use std::time::SystemTime;
 use tokio::time::Instant;
 
@@ -69,14 +69,15 @@ impl<V: View> Core<V> {
     /// One service's status; `wall` is the wall clock at `now`.
     pub fn status(&self, id: &str, now: Instant, wall: SystemTime) -> Option<ServiceStatus> {
         let e = self.entries.get(id)?;
+        let effective = super::health::effective(e, now);
         let at = |t: Instant| crate::telemetry::status::rfc3339(wall - now.saturating_duration_since(t));
         let ahead = |t: Instant| crate::telemetry::status::rfc3339(wall + t.saturating_duration_since(now));
         Some(ServiceStatus {
             id: e.spec.id.clone(),
             name: e.spec.name.clone(),
             file: e.spec.file.display().to_string(),
-            health: e.health.as_ref().map_or("unknown", |h| h.status.as_str()).to_string(),
-            output: e.health.as_ref().map_or(WAITING.to_string(), |h| h.output.clone()),
+            health: effective.as_ref().map_or("unknown", |h| h.status.as_str()).to_string(),
+            output: effective.as_ref().map_or(WAITING.to_string(), |h| h.output.clone()),
             since: e.since.map(at),
             registered: e.remote.is_some(),
             last_write: e.last_write_at.map(at),
@@ -89,7 +90,14 @@ impl<V: View> Core<V> {
                 _ => None,
             },
             drained: e.drained,
-            flapping: None,
+            flapping: e.flap.episode.as_ref().map(|ep| Flapping {
+                since: at(ep.started),
+                transitions: ep.transitions,
+                suppressed: ep.suppressed,
+                hold: humantime::format_duration(ep.hold).to_string(),
+                until: ep.ends_at().map(ahead),
+            }),
+            last_check_ms: None,
         })
     }
 

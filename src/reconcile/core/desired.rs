@@ -14,7 +14,7 @@ impl<V: View> Core<V> {
         if entry.drained && !self.view.keeps_critical() {
             return Desired::Absent;
         }
-        let known = entry.health.clone().or_else(|| entry.remote.as_ref().and_then(|r| r.health.clone()));
+        let known = super::health::effective(entry, now).or_else(|| entry.remote.as_ref().and_then(|r| r.health.clone()));
         let health = match known {
             Some(h) => h,
             None if now >= entry.added + entry.spec.check.timeout + FIRST_RESULT_GRACE => Health::critical(WAITING),

@@ -26,17 +26,19 @@
 //! `desired.rs`; drain requests and status snapshots in `control.rs`.
 
 mod control;
+mod damping;
 mod desired;
 mod errors;
+mod health;
 
 use super::queue::Queue;
 use super::writer::{Done, Work};
 use crate::backoff::{jitter, Backoff};
 use crate::config::{CheckSpec, ServiceSpec};
-use crate::health::supervisor::HealthChange;
-use crate::health::{Health, Status};
+use crate::health::Health;
 use crate::registry::{AgentInfo, ErrorClass, Outcome, RemoteEntry, View, Write};
 use crate::telemetry::metrics::Metrics;
+use damping::{Budget, Flap};
 use desired::after_write;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -109,6 +111,11 @@ struct Entry {
     drained: bool,
     /// Which probe's results count (older probes' are ignored).
     generation: u64,
+    /// Flap detection and the hold (`damping.rs`).
+    flap: Flap,
+    /// The write budget, and when the service waits for its next token.
+    budget: Budget,
+    budget_wait: Option<Instant>,
 }
 
 /// Why a service is reconciled: its writes queue by it.
@@ -302,6 +309,7 @@ impl<V: View> Core<V> {
                         tracing::info!(service = %id, "drained (kept from before tether restarted; `tether undrain` to end it)");
                         self.m().service_drained.get_or_create(&Metrics::service(&id)).set(1);
                     }
+                    let budget = Budget::full(&spec.damping, now);
                     let entry = Entry {
                         spec: Arc::new(spec),
                         health: None,
@@ -315,6 +323,9 @@ impl<V: View> Core<V> {
                         refused: None,
                         drained,
                         generation: self.generation,
+                        flap: Flap::default(),
+                        budget,
+                        budget_wait: None,
                     };
                     self.entries.insert(id.clone(), entry);
                 }
@@ -329,31 +340,6 @@ impl<V: View> Core<V> {
         for id in touched {
             self.reconcile(&id, Cause::Change, now);
         }
-    }
-
-    /// A health change from a probe.
-    pub fn health(&mut self, change: HealthChange, now: Instant) {
-        let Some(entry) = self.entries.get_mut(&change.id) else { return };
-        if entry.generation != change.generation {
-            return;
-        }
-        match change.health.status {
-            Status::Critical if entry.critical_since.is_none() => {
-                entry.critical_since = Some(now);
-                self.timers.push(Reverse((now + entry.spec.deregister_critical_after, change.id.clone())));
-            }
-            Status::Critical => {}
-            Status::Passing => entry.critical_since = None,
-        }
-        let m = &self.metrics.metrics;
-        m.service_health.get_or_create(&Metrics::service(&change.id)).set(i64::from(change.health.status == Status::Passing));
-        m.transition(&change.id, change.health.status.as_str());
-        entry.since = Some(now);
-        if entry.health.is_none() {
-            self.undecided -= 1;
-        }
-        entry.health = Some(change.health);
-        self.reconcile(&change.id, Cause::Change, now);
     }
 
     /// Deadlines that passed: services are synced, anti-entropy becomes due.
@@ -410,6 +396,7 @@ impl<V: View> Core<V> {
     /// view of one service. Touches only that service; its status changed.
     fn reconcile(&mut self, id: &str, cause: Cause, now: Instant) {
         self.out.changed.insert(id.to_string());
+        self.settle_flap(id, now);
         if self.stale {
             return;
         }
@@ -421,8 +408,23 @@ impl<V: View> Core<V> {
             self.queue.remove(id); // tried again when its retry deadline passes
             return;
         }
+        if entry.budget_wait.is_some_and(|t| now < t) {
+            return; // reconciled again when its next token comes
+        }
         match self.needed_write(entry, now) {
             Some(w) => {
+                // A write already queued has paid; replacing it is free.
+                if !self.queue.contains(id) {
+                    let entry = self.entries.get_mut(id).expect("present");
+                    entry.budget_wait = None;
+                    if let Err(at) = entry.budget.take(&entry.spec.damping, now) {
+                        entry.budget_wait = Some(at);
+                        self.timers.push(Reverse((at, id.to_string())));
+                        self.m().budget_waits.get_or_create(&Metrics::service(id)).inc();
+                        tracing::debug!(service = %id, "write budget spent; writing the latest state when the next token comes");
+                        return;
+                    }
+                }
                 let urgent = cause == Cause::Change;
                 if !urgent {
                     self.fixes += 1;

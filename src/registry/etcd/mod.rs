@@ -497,8 +497,12 @@ mod tests {
             tls: Default::default(),
         };
         let mut etcd = Etcd::new(config, &Owner::new("web-1", None));
-        let defaults =
-            crate::config::Defaults { node: "web-1".into(), address: "10.0.0.5".into(), backend: crate::config::BackendKind::Etcd };
+        let defaults = crate::config::Defaults {
+            node: "web-1".into(),
+            address: "10.0.0.5".into(),
+            backend: crate::config::BackendKind::Etcd,
+            damping: Default::default(),
+        };
         let text = "name = \"orders\"\nport = 50051\ntags = [\"grpc\"]\n";
         let spec = crate::config::service::parse(std::path::Path::new("orders.toml"), text, &defaults).unwrap();
         etcd.view.lease.store(7, Ordering::Relaxed);
