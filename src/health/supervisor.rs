@@ -75,6 +75,7 @@ pub async fn supervise(
         };
         if let Some(d) = obs.latency {
             latency.observe(d.as_secs_f64());
+            telemetry.check_latency(&id, d, &cancel);
         }
         if let Some(status) = threshold.observe(obs.ok) {
             match status {

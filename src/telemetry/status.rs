@@ -56,6 +56,10 @@ pub struct ServiceStatus {
     /// Set while the service is held out of the healthy set for flapping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flapping: Option<Flapping>,
+    /// Round trip of the last answered probe, in milliseconds (a Watch: the
+    /// wait for its first message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_ms: Option<f64>,
 }
 
 /// A flapping episode: the service is critical in the registry until it has

@@ -222,7 +222,8 @@ fn a_refused_service_never_holds_up_its_neighbours() {
     assert!(status["next_attempt"].is_string(), "{status}");
     let text = tether.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("registry error (permanent)"), "{text}");
+    let row = text.lines().find(|l| l.starts_with("billing-1 ")).unwrap_or_else(|| panic!("no billing-1 row:\n{text}"));
+    assert!(row.contains(" refused (retry in "), "{text}");
 
     // Its neighbour flips as fast as ever, three times.
     for _ in 0..3 {

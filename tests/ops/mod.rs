@@ -111,8 +111,9 @@ fn metrics_status_and_status_command() {
     let out = Command::new(tether_bin()).args(["status", "--config"]).arg(setup.config()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    let row = text.lines().find(|l| l.starts_with("alpha")).unwrap_or_else(|| panic!("no alpha row:\n{text}"));
-    assert!(row.contains("critical") && row.contains("yes") && row.contains("NOT_SERVING"), "{row}");
+    let row = text.lines().find(|l| l.starts_with("alpha ")).unwrap_or_else(|| panic!("no alpha row:\n{text}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert!(cells[1] == "critical" && cells.contains(&"registered") && cells.last() == Some(&"NOT_SERVING"), "{row}");
     let out = Command::new(tether_bin()).args(["status", "--json", "--config"]).arg(setup.config()).output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["services"][0]["health"], "critical");
@@ -122,6 +123,77 @@ fn metrics_status_and_status_command() {
     assert!(!metrics.contains(secret) && !body.contains(secret) && !text.contains(secret));
     assert!(!tether.log().contains(secret), "the token leaked into the log");
     assert!(tether.log().contains("readable by group or others"), "warns about a world-readable token file");
+}
+
+/// `tether status` (not on a terminal): the summary line, then one aligned
+/// line per service with its health, age, last check, registry state and error.
+#[test]
+fn status_command_one_line_per_service() {
+    let consul = Consul::start();
+    let serving = HealthServer::start(0, &[]);
+    let mut failing = HealthServer::start(0, &[]);
+    failing.set("not_serving");
+    let port = free_port();
+    let setup = Setup::consul(&consul, "");
+    let config = std::fs::read_to_string(setup.config()).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(setup.config(), config).unwrap();
+    setup.write_service("a.toml", &service("alpha", serving.port));
+    setup.write_service("b.toml", &service("beta", failing.port));
+    setup.write_service("g.toml", &service("gamma", serving.port));
+    let tether = setup.start();
+    consul.wait_health("alpha", "passing", T);
+    consul.wait_health("beta", "critical", T);
+    let out = tether.cli(&["drain", "gamma", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = tether.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains('\x1b'), "colours on a pipe:\n{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "a summary, a header and three services:\n{text}");
+    assert_eq!(
+        lines[0],
+        format!(
+            "tether {} on node node-a — consul {} connected, ready — 3 services: 2 passing, 1 critical, 0 flapping, 0 unknown",
+            env!("CARGO_PKG_VERSION"),
+            consul.url()
+        ),
+        "\n{text}"
+    );
+    // Cells by the header's columns (in characters: µs is one).
+    let header: Vec<char> = lines[1].chars().collect();
+    let starts: Vec<usize> =
+        (0..header.len()).filter(|&i| header[i] != ' ' && (i == 0 || (i >= 2 && header[i - 2..i] == [' ', ' ']))).collect();
+    let cells = |line: &str| -> Vec<String> {
+        let chars: Vec<char> = line.chars().collect();
+        starts
+            .iter()
+            .enumerate()
+            .map(|(n, &s)| {
+                let end = starts.get(n + 1).map_or(chars.len(), |&e| e.min(chars.len()));
+                let cell: String = chars[s.min(chars.len())..end].iter().collect();
+                // Aligned: every cell but the first starts after two spaces.
+                assert!(s == 0 || (chars[s - 2..s] == [' ', ' '] && chars[s] != ' '), "column {n} misaligned:\n{text}");
+                cell.trim().to_string()
+            })
+            .collect()
+    };
+    assert_eq!(cells(lines[1]), ["ID", "HEALTH", "SINCE", "CHECK", "REGISTRY", "LAST ERROR"], "\n{text}");
+    let rows: Vec<Vec<String>> = lines[2..].iter().map(|l| cells(l)).collect();
+    let age = |s: &str| s.ends_with('s') && s.trim_end_matches('s').chars().all(|c| c.is_ascii_digit() || c == 'm');
+    let latency = |s: &str| (s.ends_with("ms") || s.ends_with("µs")) && s.starts_with(|c: char| c.is_ascii_digit());
+    let (alpha, beta, gamma) = (&rows[0], &rows[1], &rows[2]);
+    assert!(alpha[0] == "alpha" && alpha[1] == "passing" && alpha[4] == "registered" && alpha[5] == "-", "{alpha:?}\n{text}");
+    assert!(beta[0] == "beta" && beta[1] == "critical" && beta[4] == "registered" && beta[5] == "NOT_SERVING", "{beta:?}\n{text}");
+    assert!(gamma[0] == "gamma" && gamma[1] == "passing" && gamma[4] == "drained" && gamma[5] == "-", "{gamma:?}\n{text}");
+    for row in &rows {
+        assert!(age(&row[2]) && latency(&row[3]), "SINCE and CHECK of {row:?}\n{text}");
+    }
+    // The same latency is in the JSON, in milliseconds.
+    let out = tether.cli(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["services"].as_array().unwrap().iter().all(|s| s["last_check_ms"].as_f64().is_some_and(|ms| ms > 0.0)), "{json}");
 }
 
 #[test]
