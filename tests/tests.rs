@@ -6,6 +6,7 @@
 mod cli;
 mod cluster;
 mod consul;
+mod damping;
 mod etcd;
 mod faults;
 mod instances;

@@ -78,10 +78,7 @@ pub async fn supervise(
             telemetry.check_latency(&id, d, &cancel);
         }
         if let Some(status) = threshold.observe(obs.ok) {
-            match status {
-                Status::Passing => tracing::info!(service = %id, output = %obs.output, "health: passing"),
-                Status::Critical => tracing::warn!(service = %id, output = %obs.output, "health: critical"),
-            }
+            // Logged by the reconciler's core, which knows whether the service is flapping.
             let change = HealthChange { id: id.clone(), generation, health: Health { status, output: obs.output } };
             tokio::select! {
                 _ = cancel.cancelled() => return,

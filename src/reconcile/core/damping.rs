@@ -124,7 +124,7 @@ impl Flap {
 }
 
 /// Round to what a person reads: milliseconds under 10 s, else seconds.
-fn round(d: Duration) -> humantime::FormattedDuration {
+pub(super) fn round(d: Duration) -> humantime::FormattedDuration {
     let d = if d < Duration::from_secs(10) { Duration::from_millis(d.as_millis() as u64) } else { Duration::from_secs(d.as_secs()) };
     humantime::format_duration(d)
 }

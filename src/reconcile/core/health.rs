@@ -27,7 +27,7 @@ impl<V: View> Core<V> {
             let damping = entry.spec.damping;
             if entry.flap.transition(status, &damping, now) {
                 let ep = entry.flap.episode.as_ref().expect("started");
-                tracing::warn!(service = %id, transitions = ep.transitions, within = %humantime::format_duration(ep.over),
+                tracing::warn!(service = %id, transitions = ep.transitions, within = %super::damping::round(ep.over),
                     hold = %humantime::format_duration(ep.hold),
                     "flapping: held critical in the registry until SERVING without a break for the hold; transitions until then are not written");
                 m.service_flapping.get_or_create(&Metrics::service(&id)).set(1);
@@ -35,6 +35,14 @@ impl<V: View> Core<V> {
             } else if entry.flap.episode.is_some() {
                 m.flap_suppressed.get_or_create(&Metrics::service(&id)).inc();
             }
+        }
+        // One line per change, except while flapping: the episode's two lines say it.
+        match (status, entry.flap.episode.is_some()) {
+            (_, true) => tracing::debug!(service = %id, output = %change.health.output, "health: {status} (flapping)"),
+            (Status::Passing, false) => tracing::info!(service = %id, output = %change.health.output, "health: passing"),
+            (Status::Critical, false) => tracing::warn!(service = %id, output = %change.health.output, "health: critical"),
+        }
+        if was.is_some_and(|w| w != status) {
             if let Some(t) = entry.flap.episode.as_ref().and_then(|ep| ep.ends_at()) {
                 self.timers.push(Reverse((t, id.clone())));
             }
@@ -53,7 +61,7 @@ impl<V: View> Core<V> {
         let Some(entry) = self.entries.get_mut(id) else { return };
         let Some(ep) = entry.flap.settle(&entry.spec.damping, now) else { return };
         let served = ep.ends_at().map(|t| humantime::format_duration(t.duration_since(ep.serving_since.unwrap_or(t))).to_string());
-        tracing::info!(service = %id, lasted = %humantime::format_duration(now.duration_since(ep.started)), suppressed = ep.suppressed,
+        tracing::info!(service = %id, lasted = %super::damping::round(now.duration_since(ep.started)), suppressed = ep.suppressed,
             serving_for = served.as_deref().unwrap_or("-"), "flapping ended");
         self.metrics.metrics.service_flapping.get_or_create(&Metrics::service(id)).set(0);
         self.track_critical(id, now);
