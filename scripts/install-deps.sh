@@ -13,8 +13,10 @@
 #     without touching the system's apt configuration;
 #   - a Python venv at .tools/venv with grpcio and grpcio-health-checking
 #     (PyPI, pinned): the reference Python health servicer the tests run
-#     (tests/python/health_server.py).
-# Afterwards: .tools/bin/{consul,etcd,etcdctl}, `go` and .tools/venv/bin/python exist.
+#     (tests/python/health_server.py);
+#   - promtool, from Debian's `prometheus` package, unpacked into .tools/ (the
+#     alert rules' check, tests/ops/dashboard.rs).
+# Afterwards: .tools/bin/{consul,etcd,etcdctl,promtool}, `go` and .tools/venv/bin/python exist.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,6 +87,24 @@ if ! venv_ok; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         "grpcio==$grpcio_version" "grpcio-health-checking==$grpcio_version" "protobuf==$protobuf_version"
     venv_ok || { log "$venv/bin/python cannot import grpc and grpc_health at $grpcio_version"; exit 1; }
+fi
+
+# --- promtool (Debian's `prometheus`), privately ------------------------------
+# Checks contrib/prometheus/tether.rules.yml (tests/ops/dashboard.rs). Only the
+# promtool binary is unpacked into .tools: installing the package would also
+# start a Prometheus server.
+if ! { [ -x "$bin/promtool" ] && "$bin/promtool" --version >/dev/null 2>&1; }; then
+    log "unpacking promtool from Debian's prometheus package into $tools/promtool"
+    prom_dir="$tools/promtool"
+    rm -rf "$prom_dir"
+    mkdir -p "$prom_dir/debs"
+    ( cd "$prom_dir/debs"
+      apt-get download -qq prometheus 2>/dev/null \
+          || { sudo_if_needed apt-get update -qq && apt-get download -qq prometheus; } )
+    dpkg-deb --fsys-tarfile "$prom_dir"/debs/prometheus_*.deb | tar -x -C "$prom_dir" ./usr/bin/promtool
+    rm -rf "$prom_dir/debs"
+    ln -sf "$prom_dir/usr/bin/promtool" "$bin/promtool"
+    "$bin/promtool" --version 2>&1 | sed -n 1p >&2
 fi
 
 # --- Consul and etcd from Debian packages, privately -------------------------

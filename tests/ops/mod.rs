@@ -1,6 +1,8 @@
 //! Operating tether: systemd notify, the unit file, /metrics, /v1/status,
 //! `tether status`, and no secret anywhere it shows.
 
+mod dashboard;
+
 use crate::support::*;
 use nix::sys::signal::Signal;
 use std::os::unix::net::UnixDatagram;

@@ -147,6 +147,8 @@ fn package_builds_installs_and_verifies() {
         "/usr/share/bash-completion/completions/tether",
         "/usr/share/zsh/vendor-completions/_tether",
         "/usr/share/fish/vendor_completions.d/tether.fish",
+        "/usr/share/tether/grafana/tether.json",
+        "/usr/share/tether/prometheus/tether.rules.yml",
     ] {
         assert_eq!(mode(path), "-rw-r--r--", "{path}");
     }
