@@ -11,6 +11,7 @@ mod etcd;
 mod faults;
 mod instances;
 mod interop;
+mod operator;
 mod ops;
 mod package;
 mod python;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 pub(super) async fn check(addr: &str, service_name: &str, timeout: Duration, tls: Option<&TlsConfig>) -> ExitCode {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let endpoint = match crate::health::rpc::endpoint(addr, timeout, tls) {
+    let endpoint = match crate::health::rpc::endpoint(addr, timeout, tls, None) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: {e}; write the address as host:port");

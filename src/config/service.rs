@@ -49,6 +49,20 @@ pub struct CheckSpec {
     pub fall: u32,
     /// TLS to the gRPC server (`tls = true`); never a silent plaintext fallback.
     pub tls: Option<TlsConfig>,
+    /// gRPC metadata sent on every Check and Watch (the connection's
+    /// liveness Check included), by header name (lower case).
+    pub metadata: BTreeMap<String, MetadataSource>,
+    /// `:authority` of the calls, instead of the target.
+    pub authority: Option<String>,
+}
+
+/// Where a metadata value comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum MetadataSource {
+    /// Written in the service file (not secret).
+    Value(String),
+    /// The content of a file, trimmed; re-read when it changes. Never logged.
+    File(PathBuf),
 }
 
 /// A validated service definition: what the registry should say about one service.
@@ -102,6 +116,11 @@ struct RawCheck {
     server_name: Option<Spanned<String>>,
     cert_file: Option<Spanned<PathBuf>>,
     key_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    metadata: BTreeMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    metadata_files: BTreeMap<Spanned<String>, Spanned<PathBuf>>,
+    authority: Option<Spanned<String>>,
 }
 
 /// Meta keys tether writes itself; a service file may not set them.
@@ -255,6 +274,39 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         .chain([c.server_name.as_ref().map(Spanned::span)])
         .flatten()
         .min_by_key(|r| r.start);
+    let mut metadata = BTreeMap::new();
+    for (k, v) in &c.metadata {
+        let key = metadata_key(k.get_ref()).map_err(|(msg, hint)| err(k.span(), msg, hint))?;
+        if !v.get_ref().bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(err(
+                v.span(),
+                format!("metadata value for {key:?} has characters other than printable ASCII"),
+                "gRPC metadata values are printable ASCII",
+            ));
+        }
+        metadata.insert(key, MetadataSource::Value(v.get_ref().clone()));
+    }
+    for (k, v) in &c.metadata_files {
+        let key = metadata_key(k.get_ref()).map_err(|(msg, hint)| err(k.span(), msg, hint))?;
+        if metadata.contains_key(&key) {
+            return Err(err(k.span(), format!("metadata {key:?} is set in both [check.metadata] and [check.metadata_files]"), "keep one"));
+        }
+        metadata.insert(key, MetadataSource::File(secret_path(v.get_ref(), path)));
+    }
+    let authority = match &c.authority {
+        None => None,
+        Some(a) => {
+            let s = a.get_ref().trim();
+            if s.is_empty() || s.contains(|c: char| c.is_whitespace() || c.is_control() || matches!(c, '/' | '?' | '#' | '@')) {
+                return Err(err(
+                    a.span(),
+                    format!("authority {:?} is not host or host:port", a.get_ref()),
+                    "write it as \"orders.internal\" or \"orders.internal:443\"",
+                ));
+            }
+            Some(s.to_string())
+        }
+    };
     let tls = match c.tls {
         Some(true) => {
             let raw = RawTls {
@@ -281,7 +333,7 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         meta,
         ttl,
         deregister_critical_after,
-        check: CheckSpec { target, service: c.service.unwrap_or_default(), mode, interval, timeout, rise, fall, tls },
+        check: CheckSpec { target, service: c.service.unwrap_or_default(), mode, interval, timeout, rise, fall, tls, metadata, authority },
         damping,
     })
 }
@@ -303,6 +355,34 @@ pub fn check_name(s: &str) -> Result<(), &'static str> {
         return Err("has characters other than letters, digits, '-', '_' and '.'");
     }
     Ok(())
+}
+
+/// A gRPC metadata key as HTTP/2 sends it (lower case), or why it cannot be one.
+fn metadata_key(key: &str) -> Result<String, (String, &'static str)> {
+    let k = key.to_ascii_lowercase();
+    if k.is_empty() || !k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')) {
+        return Err((format!("metadata key {key:?} is not a valid gRPC metadata key"), "use letters, digits, '-', '_' and '.'"));
+    }
+    if k.ends_with("-bin") {
+        return Err((
+            format!("metadata key {key:?} is a binary header"),
+            "tether sends text metadata; use a key that does not end in -bin",
+        ));
+    }
+    if k.starts_with("grpc-") || matches!(k.as_str(), "te" | "content-type" | "user-agent" | "host" | "connection") {
+        return Err((format!("metadata key {key:?} is reserved by gRPC or HTTP/2"), "use another key, e.g. authorization or x-api-key"));
+    }
+    Ok(k)
+}
+
+/// A secret file's path: as written if absolute; else a systemd credential
+/// of that name (`$CREDENTIALS_DIRECTORY`) if there is one; else relative to
+/// the service file.
+fn secret_path(p: &Path, file: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    p.to_str().and_then(super::agent::credential_path).unwrap_or_else(|| file.parent().unwrap_or(Path::new(".")).join(p))
 }
 
 /// A node name made safe for use inside a default id.

@@ -1,7 +1,7 @@
 //! Connections per target, not per service.
 //!
-//! Services whose checks name the same target with the same TLS settings
-//! share one HTTP/2 connection (a tonic [`Channel`]): their Watch streams and
+//! Services whose checks name the same target with the same TLS settings,
+//! `:authority` and metadata share one HTTP/2 connection (a tonic [`Channel`]): their Watch streams and
 //! Checks are multiplexed on it, and a further connection is opened once one
 //! carries [`STREAMS_PER_CONNECTION`] services. 1,000 services on 10 servers
 //! are 10 connections, not 1,000.
@@ -18,11 +18,13 @@
 //! A connection lives while a [`Lease`] on it does; its liveness task ends
 //! with it.
 
+use super::metadata::Metadata;
 use super::rpc::{self, describe, endpoint, server_answered};
 use crate::backoff::lock;
 use crate::config::tls::{Rotation, TlsConfig};
+use crate::config::MetadataSource;
 use crate::config::{CheckMode, CheckSpec};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -40,6 +42,8 @@ const UNWATCHED_RECHECK: Duration = Duration::from_secs(60);
 struct Key {
     target: String,
     tls: Option<TlsConfig>,
+    authority: Option<String>,
+    metadata: BTreeMap<String, MetadataSource>,
 }
 
 /// The pool of connections to gRPC targets, shared by all probes.
@@ -60,6 +64,8 @@ pub struct Beat {
 struct Conn {
     key: Key,
     channel: Channel,
+    /// Sent on every call on this connection, its liveness check included.
+    metadata: Metadata,
     rotation: Option<Rotation>,
     users: AtomicUsize,
     watchers: AtomicUsize,
@@ -85,7 +91,8 @@ impl Connections {
 
     /// A share of a connection for `spec`'s target and TLS settings.
     pub fn get(&self, spec: &CheckSpec) -> Result<Lease, String> {
-        let key = Key { target: spec.target.clone(), tls: spec.tls.clone() };
+        let key =
+            Key { target: spec.target.clone(), tls: spec.tls.clone(), authority: spec.authority.clone(), metadata: spec.metadata.clone() };
         let watch = spec.mode == CheckMode::Watch;
         let mut map = lock(&self.inner);
         let conns = map.entry(key.clone()).or_default();
@@ -97,10 +104,12 @@ impl Connections {
             None => {
                 let rotation = key.tls.as_ref().map(Rotation::new);
                 let watch_joined = Arc::new(Notify::new());
-                let channel = endpoint(&key.target, spec.timeout, key.tls.as_ref())?.connect_lazy();
+                let channel = endpoint(&key.target, spec.timeout, key.tls.as_ref(), key.authority.as_deref())?.connect_lazy();
+                let metadata = Metadata::new(&key.metadata)?;
                 let conn = Arc::new(Conn {
                     key,
                     channel,
+                    metadata,
                     rotation,
                     users: AtomicUsize::new(0),
                     watchers: AtomicUsize::new(0),
@@ -128,6 +137,11 @@ impl Connections {
 impl Lease {
     pub fn channel(&self) -> Channel {
         self.conn.channel.clone()
+    }
+
+    /// The metadata every call of this check carries.
+    pub fn metadata(&self) -> &Metadata {
+        &self.conn.metadata
     }
 
     /// The connection's liveness results.
@@ -180,8 +194,11 @@ async fn liveness(conn: Weak<Conn>, watch_joined: Arc<Notify>) {
         }
         let (_, deadline) = settings(&conn).expect("alive");
         let channel = c.channel.clone();
-        drop(c);
         let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        // Any answer means alive, Unauthenticated too: a metadata file that
+        // cannot be read fails the services' own checks, not this one.
+        let _ = c.metadata.apply(&mut req);
+        drop(c);
         req.set_timeout(deadline);
         let error = match tokio::time::timeout(deadline, rpc::check(channel, req)).await {
             Err(_) => Some(format!("deadline exceeded after {}", humantime::format_duration(deadline))),

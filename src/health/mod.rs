@@ -5,6 +5,7 @@
 //! [`supervisor`] runs one task per service and reports only changes.
 
 pub mod conn;
+pub mod metadata;
 pub mod probe;
 pub mod rpc;
 pub mod supervisor;

@@ -263,13 +263,16 @@ impl Probe {
     /// Open a Watch stream. `None` when it is open; else the observation
     /// to report (a failure, or the first poll after falling back to it).
     async fn open(&mut self) -> Option<Observation> {
-        let req = HealthCheckRequest { service: self.spec.service.clone() };
+        let mut req = tonic::Request::new(HealthCheckRequest { service: self.spec.service.clone() });
+        if let Err(e) = self.lease.metadata().apply(&mut req) {
+            return Some(self.fail(e));
+        }
         self.opened = Some(Instant::now());
         // Liveness results from before this stream do not concern it.
         self.beats.borrow_and_update();
         self.last = None;
         self.recheck_at = None;
-        match timeout(self.spec.timeout, rpc::watch(self.lease.channel(), tonic::Request::new(req))).await {
+        match timeout(self.spec.timeout, rpc::watch(self.lease.channel(), req)).await {
             Err(_) => Some(self.fail(format!("deadline exceeded after {} opening Watch", humantime::format_duration(self.spec.timeout)))),
             Ok(Err(status)) if status.code() == Code::Unimplemented => {
                 if !self.logged_fallback {
@@ -307,6 +310,11 @@ impl Probe {
     async fn check_answered(&mut self) -> (Observation, bool) {
         let mut req = tonic::Request::new(HealthCheckRequest { service: self.spec.service.clone() });
         req.set_timeout(self.spec.timeout);
+        if let Err(e) = self.lease.metadata().apply(&mut req) {
+            // Not sent: nothing is known of the server, so a stream it may
+            // have open is not let go for this.
+            return (Observation { ok: false, output: e, latency: None }, true);
+        }
         let started = Instant::now();
         let (mut obs, answered) = match timeout(self.spec.timeout, rpc::check(self.lease.channel(), req)).await {
             Err(_) => {
@@ -344,6 +352,8 @@ mod tests {
             rise: 1,
             fall: 1,
             tls: None,
+            metadata: Default::default(),
+            authority: None,
         }
     }
 

@@ -67,13 +67,18 @@ pub async fn watch(channel: Channel, request: Request<HealthCheckRequest>) -> Re
 
 /// The endpoint of `host:port`, over TLS when `tls` is set. A certificate that
 /// does not verify fails the connection: there is no fallback to plaintext.
-pub fn endpoint(target: &str, connect_timeout: Duration, tls: Option<&TlsConfig>) -> Result<Endpoint, String> {
+/// `authority`, when set, is sent as `:authority` instead of the target.
+pub fn endpoint(target: &str, connect_timeout: Duration, tls: Option<&TlsConfig>, authority: Option<&str>) -> Result<Endpoint, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{target}"))
         .map_err(|e| format!("bad target {target:?}: {e}"))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .tcp_keepalive(Some(Duration::from_secs(10)));
+    if let Some(a) = authority {
+        let origin = format!("{scheme}://{a}").parse().map_err(|e| format!("bad authority {a:?}: {e}"))?;
+        endpoint = endpoint.origin(origin);
+    }
     if let Some(t) = tls {
         endpoint = endpoint.tls_config(t.grpc_client()?).map_err(|e| format!("TLS settings for {target}: {e}"))?;
     }

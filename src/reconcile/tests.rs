@@ -181,6 +181,8 @@ pub(super) fn spec(id: &str, ttl: Duration) -> ServiceSpec {
             rise: 1,
             fall: 1,
             tls: None,
+            metadata: Default::default(),
+            authority: None,
         },
         damping: Default::default(),
     }

@@ -982,9 +982,23 @@ pub struct GoHealthServer {
 
 impl GoHealthServer {
     pub fn start() -> GoHealthServer {
+        Self::start_with_env(&[])
+    }
+
+    /// With a unary auth interceptor accepting `authorization: Bearer <token>`
+    /// (see tests/go/healthserver); every authorization value it is sent is
+    /// appended to [`GoHealthServer::auth_log`].
+    pub fn start_with_auth(token: &str) -> GoHealthServer {
+        Self::start_with_env(&[("AUTH_TOKEN", token), ("AUTH_LOG", "auth.log")])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> GoHealthServer {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("healthserver.log");
         let mut cmd = Command::new(go_bin("healthserver"));
+        for (k, v) in env {
+            cmd.env(k, if *k == "AUTH_LOG" { dir.path().join(v).display().to_string() } else { v.to_string() });
+        }
         cmd.arg("127.0.0.1:0").stderr(std::fs::File::create(&log).unwrap());
         let (child, stdin, stdout, port) = spawn_driven(&mut cmd, "Go health server");
         GoHealthServer { child, stdin, stdout: Some(stdout), port, log, _dir: dir }
@@ -1022,6 +1036,11 @@ impl GoHealthServer {
             .unwrap_or_else(|| panic!("Go health server said {line:?}"));
         wait_for(limit, "the Go health server to exit", || self.child.try_wait().ok().flatten());
         Duration::from_millis(ms)
+    }
+
+    /// The authorization values unary calls carried, one line each: `METHOD ["VALUE"]`.
+    pub fn auth_log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("auth.log")).unwrap_or_default()
     }
 
     /// grpc-go's own log (stderr, verbosity 2).

@@ -11,6 +11,13 @@
 // then GracefulStop(); prints "stopped in N ms" when GracefulStop returns, then
 // exits). grpc-go's transport log (verbosity 2, so "Got too many pings" would
 // show) goes to stderr.
+//
+// With AUTH_TOKEN set, the server has a unary auth interceptor, as services
+// built on kratos or go-zero do: every unary call (the health Check
+// included) without `authorization: Bearer <token>` gets Unauthenticated
+// ("missing token" or "invalid token"); streams pass. The stdin line
+// `token NEW` changes the token it accepts (a rotation; answers "ok").
+// Every authorization value it sees is appended to $AUTH_LOG if set.
 package main
 
 import (
@@ -21,11 +28,43 @@ import (
 	"strings"
 	"time"
 
+	"context"
+	"sync"
+
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/grpclog"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
+
+var (
+	tokenMu sync.Mutex
+	token   = os.Getenv("AUTH_TOKEN")
+)
+
+func auth(ctx context.Context, req interface{}, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (interface{}, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	got := md.Get("authorization")
+	if path := os.Getenv("AUTH_LOG"); path != "" {
+		if f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o600); err == nil {
+			fmt.Fprintf(f, "%s %q\n", info.FullMethod, got)
+			f.Close()
+		}
+	}
+	if len(got) == 0 {
+		return nil, status.Error(codes.Unauthenticated, "missing token")
+	}
+	tokenMu.Lock()
+	want := "Bearer " + token
+	tokenMu.Unlock()
+	if got[0] != want {
+		return nil, status.Error(codes.Unauthenticated, "invalid token")
+	}
+	return handler(ctx, req)
+}
 
 func main() {
 	grpclog.SetLoggerV2(grpclog.NewLoggerV2WithVerbosity(os.Stderr, os.Stderr, os.Stderr, 2))
@@ -39,7 +78,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	srv := grpc.NewServer()
+	var opts []grpc.ServerOption
+	if token != "" {
+		opts = append(opts, grpc.ChainUnaryInterceptor(auth))
+	}
+	srv := grpc.NewServer(opts...)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
 	set := func(st healthpb.HealthCheckResponse_ServingStatus) {
@@ -69,6 +112,12 @@ func main() {
 		case "":
 			continue
 		default:
+			if t := strings.TrimPrefix(strings.TrimSpace(in.Text()), "token "); t != strings.TrimSpace(in.Text()) {
+				tokenMu.Lock()
+				token = t
+				tokenMu.Unlock()
+				break
+			}
 			fmt.Fprintf(os.Stderr, "unknown command %q: use serving, not_serving or stop\n", in.Text())
 			continue
 		}

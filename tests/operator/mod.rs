@@ -1,0 +1,114 @@
+//! What operators set on a service's check, against real Consul and a grpc-go
+//! server with a unary auth interceptor (tests/go/healthserver with
+//! AUTH_TOKEN, as kratos and go-zero services have): credentials sent as
+//! gRPC metadata from a file, rotated without a restart, and never shown.
+
+use crate::support::*;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+const TOKEN: &str = "s3cr3t-token-4f9a";
+const ROTATED: &str = "r0tated-token-77c1";
+
+fn service(name: &str, port: u16, check: &str) -> String {
+    format!("name = \"{name}\"\nid = \"{name}-1\"\naddress = \"127.0.0.1\"\nport = {port}\nttl = \"5s\"\n[check]\ntarget = \"127.0.0.1:{port}\"\n{check}\n")
+}
+
+/// The setup with its status and metrics listener on `port`.
+fn listening(setup: Setup, port: u16) -> Setup {
+    let config = std::fs::read_to_string(setup.config()).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(setup.config(), config).unwrap();
+    setup
+}
+
+fn write_secret(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn poll_mode_behind_an_auth_interceptor_needs_and_gets_its_token() {
+    let consul = Consul::start();
+    let mut server = GoHealthServer::start_with_auth(TOKEN);
+    let port = free_port();
+    let setup = listening(Setup::consul(&consul, ""), port);
+    // Without credentials: critical for ever, and the reason says why.
+    setup.write_service("bare.toml", &service("bare", server.port, "mode = \"poll\"\ninterval = \"1s\""));
+    // With the token from a file, as `Bearer <token>`.
+    let token = setup.dir.path().join("orders.token");
+    write_secret(&token, &format!("Bearer {TOKEN}\n"));
+    let check = format!(
+        "mode = \"poll\"\ninterval = \"1s\"\n[check.metadata]\nx-client = \"tether\"\n[check.metadata_files]\nauthorization = \"{}\"",
+        token.display()
+    );
+    setup.write_service("orders.toml", &service("orders", server.port, &check));
+    let tether = setup.start();
+
+    consul.wait_health("bare-1", "critical", T);
+    let (_, reason) = consul.health("bare-1").unwrap();
+    assert!(reason.contains("UNAUTHENTICATED") && reason.contains("missing token"), "{reason}");
+    consul.wait_health("orders-1", "passing", T);
+
+    // Flips follow.
+    server.set("not_serving");
+    consul.wait_health("orders-1", "critical", T);
+    server.set("serving");
+    consul.wait_health("orders-1", "passing", T);
+
+    // The server's token rotates: critical until the file has the new one,
+    // then passing again, with no restart and no edit of the service file.
+    server.set(&format!("token {ROTATED}"));
+    consul.wait_health("orders-1", "critical", T);
+    let (_, reason) = consul.health("orders-1").unwrap();
+    assert!(reason.contains("invalid token"), "{reason}");
+    write_secret(&token, &format!("Bearer {ROTATED}"));
+    consul.wait_health("orders-1", "passing", T);
+    assert!(tether.log().contains("metadata file changed"), "{}", tether.log());
+
+    // The server saw the token and the plain value...
+    let seen = server.auth_log();
+    assert!(seen.contains(&format!("Bearer {ROTATED}")), "{seen}");
+    // ... and nothing of tether's shows either token.
+    let status = reqwest::blocking::get(format!("http://127.0.0.1:{port}/v1/status")).unwrap().text().unwrap();
+    let metrics = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics")).unwrap().text().unwrap();
+    let registry =
+        format!("{}\n{}\n{}", consul.get("/v1/agent/services"), consul.get("/v1/agent/checks"), consul.get("/v1/health/service/orders"));
+    let status_cli = tether.cli(&["status", "--json"]);
+    for (what, text) in [
+        ("log", tether.log()),
+        ("status", status),
+        ("status cli", String::from_utf8_lossy(&status_cli.stdout).into_owned()),
+        ("metrics", metrics),
+        ("registry", registry),
+    ] {
+        for secret in [TOKEN, ROTATED] {
+            assert!(!text.contains(secret), "the token shows in tether's {what}:\n{text}");
+        }
+    }
+}
+
+#[test]
+fn watch_mode_sends_the_token_on_its_liveness_check_too() {
+    let consul = Consul::start();
+    let mut server = GoHealthServer::start_with_auth(TOKEN);
+    let setup = Setup::consul(&consul, "");
+    let token = setup.dir.path().join("orders.token");
+    write_secret(&token, &format!("Bearer {TOKEN}"));
+    let check = format!("interval = \"1s\"\n[check.metadata_files]\nauthorization = \"{}\"", token.display());
+    setup.write_service("orders.toml", &service("orders", server.port, &check));
+    let tether = setup.start();
+    consul.wait_health("orders-1", "passing", T);
+    server.set("not_serving");
+    consul.wait_health("orders-1", "critical", T);
+    server.set("serving");
+    consul.wait_health("orders-1", "passing", T);
+    // The connection's liveness Check (a unary call, every interval) carries it.
+    wait_for(T, "a liveness Check with the token", || {
+        server.auth_log().lines().any(|l| l.starts_with("/grpc.health.v1.Health/Check") && l.contains(TOKEN)).then_some(())
+    });
+    assert!(!server.auth_log().contains("[]"), "a unary call without the token:\n{}", server.auth_log());
+    assert!(!tether.log().contains(TOKEN));
+}
