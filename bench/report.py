@@ -302,6 +302,12 @@ def render(res: dict) -> str:
     if sc:
         out.append(scale_section(res, sc))
 
+    if res.get("flap"):
+        import flap  # bench/flap.py, beside this file
+
+        out.append(flap.render(res))
+        out.append(caption(res, "flap"))
+
     if res.get("cross"):
         import cross  # bench/cross.py, beside this file
 
@@ -361,6 +367,10 @@ def targets(res: dict) -> str:
         else:
             rows.append([f"steady-state writes = heartbeats only (etcd, {r['n']}, {r['mode']})", f"{i.get('etcd_revisions')} revisions, {i.get('etcd_lease_renewals')} keepalives in {f(i['seconds'], 0)} s", verdict(i.get("etcd_revisions") == 0)])
     rows += scale_targets(res.get("scale"), verdict, res.get("registry_cost"))
+    if res.get("flap"):
+        import flap  # bench/flap.py, beside this file
+
+        rows += flap.target_rows(res, verdict)
     return table(["target", "measured", "verdict"], rows)
 
 

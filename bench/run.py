@@ -30,6 +30,7 @@ from etcd import Etcd, WatchObserver  # noqa: E402
 from grpcgo import GoClient  # noqa: E402
 from services import HealthServer, Tether, drop_file, service_file  # noqa: E402
 import cross  # noqa: E402
+import flap  # noqa: E402
 import scale  # noqa: E402
 import report  # noqa: E402
 
@@ -47,11 +48,13 @@ SCALE_ROWS = [
 ]
 FULL = dict(flips=50, etcd_flips=50, rotation_flips=50, crashes=10, etcd_crashes=5, config_reps=20, calib=40,
             ns=[10, 100, 1000], cost_ns=[100, 1000], etcd_ns=[100, 1000], idle_intervals=2, flip_intervals=1,
-            scale_idle_s=30, scale_flip_reps=5, scale_rows=SCALE_ROWS, cross_flips=30)  # fmt: skip
+            scale_idle_s=30, scale_flip_reps=5, scale_rows=SCALE_ROWS, cross_flips=30,
+            flap_s=20, flap_quiet_s=20, flap_back_s=60)  # fmt: skip
 QUICK = dict(flips=10, etcd_flips=10, rotation_flips=10, crashes=3, etcd_crashes=2, config_reps=5, calib=15,
              ns=[10, 100], cost_ns=[100], etcd_ns=[100], idle_intervals=1, flip_intervals=1,
-             scale_idle_s=10, scale_flip_reps=3, scale_rows=SCALE_ROWS, cross_flips=10)  # fmt: skip
-PHASES = ["calibration", "baseline", "detection", "crash", "config", "etcd", "rotation", "footprint", "scale", "cross"]
+             scale_idle_s=10, scale_flip_reps=3, scale_rows=SCALE_ROWS, cross_flips=10,
+             flap_s=20, flap_quiet_s=10, flap_back_s=60)  # fmt: skip
+PHASES = ["calibration", "baseline", "detection", "crash", "config", "etcd", "rotation", "footprint", "scale", "flap", "cross"]
 # Phases that bring their own registry (cross: a 3-server Consul cluster with
 # two client agents, bench/cross.py) and need neither the dev agent nor etcd.
 OWN_REGISTRY = {"cross"}
@@ -211,6 +214,19 @@ class Bench:
         consumer's blocking query on client agent B sees it: tether (watch
         mode) against Consul's own gRPC check and a TTL floor (bench/cross.py)."""
         self.results["cross"] = cross.run(self.procs, self.args, self.cfg, self.path)
+
+    def phase_flap(self) -> None:
+        """A grpc-go server toggled SERVING/NOT_SERVING every 25 ms for 20 s
+        beside a steady one, with flap damping on, with only the write budget,
+        and with everything off: consumer wake-ups, registry writes, Consul's,
+        etcd's and tether's CPU, tether's log lines (bench/flap.py)."""
+        self.end_latency_setup()
+
+        def fresh() -> Consul:
+            self.fresh_consul()
+            return self.consul
+
+        self.results["flap"] = flap.run(self.procs, self.args, self.cfg, self.path, fresh, self.etcd)
 
     def phase_calibration(self) -> None:
         """The observers' own floor: a write made directly by this script, until
@@ -793,6 +809,8 @@ def main() -> int:
     ap.add_argument("--health-server", required=True)
     ap.add_argument("--tools", required=True, help="folder with consul and etcd")
     ap.add_argument("--go-client", help="tests/go/etcdclient, built (the rotation phase needs it)")
+    ap.add_argument("--go-server", help="tests/go/healthserver, built (the flap phase needs it)")
+    ap.add_argument("--flap-seconds", type=float, help="flap phase: how long the service is toggled (default 20) and the quiet window before")
     ap.add_argument("--out", required=True, help="folder for results.json, report.md and logs")
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 flips, 10 and 100 services, short windows")
     ap.add_argument("--flips", type=int, help="flip cycles (NOT_SERVING then SERVING) against Consul and etcd")
@@ -808,6 +826,8 @@ def main() -> int:
     cfg = dict(QUICK if args.quick else FULL)
     if args.flips:
         cfg["flips"] = cfg["etcd_flips"] = cfg["rotation_flips"] = cfg["cross_flips"] = args.flips
+    if args.flap_seconds:
+        cfg["flap_s"] = cfg["flap_quiet_s"] = args.flap_seconds
     if args.services:
         cfg["ns"] = [int(x) for x in args.services.split(",")]
         cfg["cost_ns"] = [n for n in cfg["ns"] if n >= 100]

@@ -105,21 +105,25 @@ class Tether:
     """One `tether run` with its own config directory."""
 
     def __init__(
-        self, procs: Procs, binary: str, workdir: str, node: str, backend: str, url: str, files: dict[str, str], consul_token_file: str | None = None
+        self, procs: Procs, binary: str, workdir: str, node: str, backend: str, url: str, files: dict[str, str], consul_token_file: str | None = None,
+        listen: str = "", extra_config: str = "",
     ) -> None:
+        """`listen`: tether's HTTP listener (/metrics, /v1/status), off if
+        empty; `extra_config`: appended to tether.toml (e.g. a `[damping]` table)."""
         self.dir = workdir
         self.services_dir = os.path.join(workdir, "services.d")
         os.makedirs(self.services_dir, exist_ok=True)
         for fname, text in files.items():
             with open(os.path.join(self.services_dir, fname), "w") as f:
                 f.write(text)
-        cfg = f'services_dir = "services.d"\nnode = "{node}"\nlisten = ""\nderegister_on_shutdown = true\n\n'
+        cfg = f'services_dir = "services.d"\nnode = "{node}"\nlisten = "{listen}"\nderegister_on_shutdown = true\n\n'
         if backend == "consul":
             cfg += f'[consul]\naddress = "{url}"\n'
             if consul_token_file:
                 cfg += f'token_file = "{consul_token_file}"\n'
         else:
             cfg += f'[etcd]\nendpoints = ["{url}"]\nprefix = "services"\n'
+        cfg += extra_config
         self.config = os.path.join(workdir, "tether.toml")
         with open(self.config, "w") as f:
             f.write(cfg)

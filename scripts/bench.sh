@@ -13,9 +13,11 @@
 #               (default: $CARGO_TARGET_DIR/bench-results/<UTC time>, target/ if unset)
 # Other options go to bench/run.py (e.g. --flips 80, --seed 1, --keep,
 # --phases calibration,detection); see python3 bench/run.py --help.
-# Phases: calibration baseline detection crash config etcd rotation footprint scale cross
-# (--only cross: a flip on one client agent of a 3-server Consul cluster, seen
-# by a blocking query on another, tether against Consul's own check, ~4 min).
+# Phases: calibration baseline detection crash config etcd rotation footprint scale flap cross
+# (--only flap: a grpc-go server toggled every 25 ms for 20 s with flap damping
+# on and off, Consul and etcd, ~6 min; --only cross: a flip on one client
+# agent of a 3-server Consul cluster, seen by a blocking query on another,
+# tether against Consul's own check, ~4 min).
 #
 # Builds tether and the example health server in release mode with
 # CARGO_TARGET_DIR (default target/), and the grpc-go client of tests/go. A
@@ -35,7 +37,7 @@ while [ $# -gt 0 ]; do
         --only) args+=(--phases "$2"); shift 2 ;;
         --only=*) args+=(--phases "${1#--only=}"); shift ;;
         --) shift; args+=("$@"); break ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1"); shift ;;
     esac
 done
@@ -51,9 +53,11 @@ host_env="$(echo "$host" | tr 'a-z-' 'A-Z_')"
 env "CARGO_TARGET_${host_env}_RUSTFLAGS=-C target-feature=+crt-static" CARGO_TARGET_DIR="$target" \
     cargo build --release --quiet --target "$host" --bin tether
 CARGO_TARGET_DIR="$target" cargo build --release --quiet --example health_server
-echo "== building the grpc-go client (tests/go/etcdclient; GOPATH mode, Debian's grpc-go 1.33 and etcd 3.4 sources)" >&2
-GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE="$target/release/go/cache" GOFLAGS="" \
-    go build -o "$target/release/go/etcdclient" ./tests/go/etcdclient
+echo "== building the grpc-go client and server (tests/go/etcdclient, tests/go/healthserver; GOPATH mode, Debian's grpc-go 1.33 and etcd 3.4 sources)" >&2
+for prog in etcdclient healthserver; do
+    GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE="$target/release/go/cache" GOFLAGS="" \
+        go build -o "$target/release/go/$prog" "./tests/go/$prog"
+done
 
 command -v python3 >/dev/null || { echo "bench.sh: python3 (3.11+) is needed" >&2; exit 1; }
 python3 - <<'PY' || { echo "bench.sh: python3 3.11 or newer is needed" >&2; exit 1; }
@@ -70,6 +74,7 @@ exec python3 bench/run.py \
     --tether "$target/$host/release/tether" \
     --health-server "$target/release/examples/health_server" \
     --go-client "$target/release/go/etcdclient" \
+    --go-server "$target/release/go/healthserver" \
     --tools "$root/.tools/bin" \
     --out "$out" \
     --command "$cmd" \
