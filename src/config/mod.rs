@@ -18,4 +18,4 @@ pub mod watch;
 
 pub use agent::{AgentConfig, BackendConfig, BackendKind, Defaults, EtcdConfig, Owner};
 pub use error::ConfigError;
-pub use service::{CheckMode, CheckSpec, MetadataSource, ServiceSpec};
+pub use service::{CheckMode, CheckSpec, MetadataSource, NotServing, ServiceSpec};

@@ -17,6 +17,9 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Status {
     Passing,
+    /// Answered NOT_SERVING, with `not_serving = "warning"`: out of the
+    /// passing set, never reaped as critical.
+    Warning,
     Critical,
 }
 
@@ -24,6 +27,7 @@ impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Passing => "passing",
+            Status::Warning => "warning",
             Status::Critical => "critical",
         }
     }

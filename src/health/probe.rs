@@ -354,6 +354,7 @@ mod tests {
             tls: None,
             metadata: Default::default(),
             authority: None,
+            not_serving: Default::default(),
         }
     }
 

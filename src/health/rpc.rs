@@ -94,6 +94,11 @@ pub fn observe_status(status: i32) -> Observation {
     }
 }
 
+/// Whether the server answered NOT_SERVING (as opposed to another status, or no answer).
+pub fn is_not_serving(obs: &Observation) -> bool {
+    !obs.ok && obs.output == ServingStatus::NotServing.as_str_name()
+}
+
 /// A short human reason for a failed RPC: "connection refused", "UNIMPLEMENTED: …".
 pub fn describe(status: &Status, deadline: Duration) -> String {
     if let Some(io) = io_cause(status) {

@@ -5,7 +5,7 @@ use super::probe::Probe;
 use super::threshold::Threshold;
 use super::{Health, Status};
 use crate::backoff::{jitter, Backoff};
-use crate::config::CheckSpec;
+use crate::config::{CheckSpec, NotServing};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Telemetry;
 use std::sync::Arc;
@@ -65,8 +65,10 @@ pub async fn supervise(
     // A critical result reported while the probe could not be built counts
     // as the current state: the next change is a change from it.
     let mut threshold = Threshold::new(spec.rise, spec.fall);
+    let mut sent = None;
     if reported.is_some() {
         threshold.assume(Status::Critical);
+        sent = Some(Status::Critical);
     }
     loop {
         let obs = tokio::select! {
@@ -77,7 +79,16 @@ pub async fn supervise(
             latency.observe(d.as_secs_f64());
             telemetry.check_latency(&id, d, &cancel);
         }
-        if let Some(status) = threshold.observe(obs.ok) {
+        threshold.observe(obs.ok);
+        // An answered NOT_SERVING is a warning if the check says so; a crash
+        // or an unreachable server is always critical.
+        let status = match threshold.state() {
+            Some(Status::Critical) if spec.not_serving == NotServing::Warning && super::rpc::is_not_serving(&obs) => Some(Status::Warning),
+            s => s,
+        };
+        if status.is_some() && status != sent {
+            sent = status;
+            let status = status.expect("some");
             // Logged by the reconciler's core, which knows whether the service is flapping.
             let change = HealthChange { id: id.clone(), generation, health: Health { status, output: obs.output } };
             tokio::select! {

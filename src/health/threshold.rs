@@ -22,6 +22,11 @@ impl Threshold {
         self.state = Some(status);
     }
 
+    /// The decided state, if any.
+    pub fn state(&self) -> Option<Status> {
+        self.state
+    }
+
     /// Feed one observation; returns the new state when it changes.
     pub fn observe(&mut self, ok: bool) -> Option<Status> {
         let next = if ok {

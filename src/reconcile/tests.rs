@@ -183,7 +183,9 @@ pub(super) fn spec(id: &str, ttl: Duration) -> ServiceSpec {
             tls: None,
             metadata: Default::default(),
             authority: None,
+            not_serving: Default::default(),
         },
+        weights: None,
         damping: Default::default(),
     }
 }

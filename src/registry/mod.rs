@@ -195,7 +195,7 @@ pub trait View: Clone + Send + Sync + 'static {
 /// reason yet; any other write leaves `to`.
 pub fn status_then_reason(was: Option<Status>, to: &Health) -> Health {
     match to.status {
-        Status::Critical if was != Some(Status::Critical) => Health::critical(""),
+        Status::Critical | Status::Warning if was != Some(to.status) => Health { status: to.status, output: String::new() },
         _ => to.clone(),
     }
 }

@@ -112,3 +112,60 @@ fn watch_mode_sends_the_token_on_its_liveness_check_too() {
     assert!(!server.auth_log().contains("[]"), "a unary call without the token:\n{}", server.auth_log());
     assert!(!tether.log().contains(TOKEN));
 }
+
+#[test]
+fn not_serving_as_warning_is_out_of_rotation_but_never_reaped() {
+    let consul = Consul::start();
+    let mut server = GoHealthServer::start();
+    let setup = Setup::consul(&consul, "");
+    let check = "not_serving = \"warning\"";
+    setup.write_service(
+        "orders.toml",
+        &service("orders", server.port, check).replace("ttl = \"5s\"", "ttl = \"5s\"\nderegister_critical_after = \"1m\""),
+    );
+    let _tether = setup.start();
+    consul.wait_health("orders-1", "passing", T);
+    server.set("not_serving");
+    wait_for(T, "orders-1 warning with its reason", || {
+        consul.health("orders-1").filter(|(s, o)| s == "warning" && o == "NOT_SERVING").map(|_| ())
+    });
+    // Out of ?passing answers.
+    let passing = consul.get("/v1/health/service/orders?passing");
+    assert_eq!(passing.as_array().map(Vec::len), Some(0), "{passing}");
+    // Past deregister_critical_after (1m, Consul's minimum; its reaper runs
+    // every 30 s): still registered, still warning.
+    holds_for(Duration::from_secs(95), Duration::from_secs(1), || {
+        assert_eq!(consul.health("orders-1").map(|h| h.0).as_deref(), Some("warning"));
+    });
+    server.set("serving");
+    consul.wait_health("orders-1", "passing", T);
+    // A crash is always critical.
+    drop(server);
+    consul.wait_health("orders-1", "critical", T);
+}
+
+#[test]
+fn weights_reach_consul_and_etcd_and_grpc_go_still_resolves() {
+    let consul = Consul::start();
+    let etcd = Etcd::start(1);
+    let server = GoHealthServer::start();
+    let text = service("orders", server.port, "").replace("ttl = \"5s\"", "ttl = \"5s\"\nweight = 10\nweight_warning = 2");
+    let on_consul = Setup::consul(&consul, "");
+    on_consul.write_service("orders.toml", &text);
+    let _c = on_consul.start();
+    let on_etcd = Setup::etcd(&etcd, "");
+    on_etcd.write_service("orders.toml", &text);
+    let _e = on_etcd.start();
+
+    consul.wait_health("orders-1", "passing", T);
+    let catalog = consul.get("/v1/catalog/service/orders");
+    assert_eq!(catalog[0]["ServiceWeights"], serde_json::json!({"Passing": 10, "Warning": 2}), "{catalog}");
+
+    let key = "services/orders/orders-1";
+    let value = wait_for(T, "the etcd key", || etcd.get_prefix(key).into_iter().next().map(|(_, v, ..)| v));
+    let metadata: serde_json::Value = serde_json::from_str(value["Metadata"].as_str().expect("Metadata stays a string")).unwrap();
+    assert_eq!(metadata["weight"], 10, "{metadata}");
+    let mut client = GoClient::start(&etcd, "services/orders/");
+    client.wait_rotation(&[server.addr()], T);
+    assert_eq!(client.resolved().unwrap()[0].1["weight"], 10);
+}

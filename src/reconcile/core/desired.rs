@@ -20,13 +20,13 @@ impl<V: View> Core<V> {
             None if now >= entry.added + entry.spec.check.timeout + FIRST_RESULT_GRACE => Health::critical(WAITING),
             None => return Desired::Undecided,
         };
-        if health.status == Status::Critical {
-            if !self.view.keeps_critical() {
-                return Desired::Absent;
-            }
-            if entry.critical_since.is_some_and(|t| now >= t + entry.spec.deregister_critical_after) {
-                return Desired::Absent;
-            }
+        // A registry that drops critical records drops warning ones too.
+        if health.status != Status::Passing && !self.view.keeps_critical() {
+            return Desired::Absent;
+        }
+        // Only critical counts towards deregistration, never warning.
+        if health.status == Status::Critical && entry.critical_since.is_some_and(|t| now >= t + entry.spec.deregister_critical_after) {
+            return Desired::Absent;
         }
         // Computed afresh: it may depend on backend state (etcd's lease).
         Desired::Present { fingerprint: self.view.fingerprint(&entry.spec), health, maintenance: entry.drained }

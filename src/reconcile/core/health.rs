@@ -41,6 +41,7 @@ impl<V: View> Core<V> {
             (_, true) => tracing::debug!(service = %id, output = %change.health.output, "health: {status} (flapping)"),
             (Status::Passing, false) => tracing::info!(service = %id, output = %change.health.output, "health: passing"),
             (Status::Critical, false) => tracing::warn!(service = %id, output = %change.health.output, "health: critical"),
+            (Status::Warning, false) => tracing::warn!(service = %id, output = %change.health.output, "health: warning"),
         }
         if was.is_some_and(|w| w != status) {
             if let Some(t) = entry.flap.episode.as_ref().and_then(|ep| ep.ends_at()) {
@@ -80,9 +81,11 @@ impl<V: View> Core<V> {
             (false, Some(_)) => entry.critical_since = None,
             _ => {}
         }
-        let value = match effective(entry, now) {
+        let value = match effective(entry, now).map(|h| h.status) {
             None => -1,
-            Some(h) => i64::from(h.status == Status::Passing),
+            Some(Status::Critical) => 0,
+            Some(Status::Passing) => 1,
+            Some(Status::Warning) => 2,
         };
         self.metrics.metrics.service_health.get_or_create(&Metrics::service(id)).set(value);
     }

@@ -44,7 +44,17 @@ pub struct ServiceRegistration {
     pub port: u16,
     pub tags: Vec<String>,
     pub meta: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Weights>,
     pub checks: Vec<CheckDefinition>,
+}
+
+/// A service's `Weights` (used by Consul's DNS SRV answers and weighted clients).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Weights {
+    pub passing: u32,
+    pub warning: u32,
 }
 
 /// A check as sent inside a service registration. Only fields Consul 1.8 knows.
@@ -81,6 +91,8 @@ pub struct AgentService {
     pub port: u16,
     #[serde(default)]
     pub address: String,
+    #[serde(default)]
+    pub weights: Option<Weights>,
 }
 
 /// An entry of `GET /v1/agent/checks`.

@@ -199,6 +199,7 @@ impl Consul {
                     s.tags.as_deref().unwrap_or(&[]),
                     s.meta.as_ref().unwrap_or(&BTreeMap::new()),
                     alias.map(|c| c.notes.as_str()),
+                    s.weights.map(|w| (w.passing, w.warning)),
                 );
                 let maintenance = checks.contains_key(&maintenance_check_id(&s.id));
                 RemoteEntry { id: s.id, name: s.service, fingerprint, health: Some(health), maintenance }
@@ -229,8 +230,8 @@ impl Consul {
             deregister_critical_service_after: Some(go(spec.deregister_critical_after)),
             ..Default::default()
         }];
-        if health.status == Status::Critical {
-            checks.push(Self::health_check(spec));
+        if health.status != Status::Passing {
+            checks.push(Self::health_check(spec, health.status));
         }
         ServiceRegistration {
             id: spec.id.clone(),
@@ -239,18 +240,19 @@ impl Consul {
             port: spec.port,
             tags: spec.tags.clone(),
             meta: self.view.meta(spec),
+            weights: spec.weights.map(|w| client::Weights { passing: w.passing, warning: w.warning }),
             checks,
         }
     }
 
     /// The check a service carries while it is not passing.
-    fn health_check(spec: &ServiceSpec) -> CheckDefinition {
+    fn health_check(spec: &ServiceSpec, status: Status) -> CheckDefinition {
         CheckDefinition {
             check_id: health_check_id(&spec.id),
             name: "gRPC health (tether)".into(),
             notes: Some(ConsulView::notes(spec)),
             ttl: Some(go(HEALTH_TTL)),
-            status: Some(Status::Critical.as_str().into()),
+            status: Some(status.as_str().into()),
             deregister_critical_service_after: Some(go(spec.deregister_critical_after)),
             ..Default::default()
         }
@@ -262,13 +264,13 @@ impl Consul {
             // Consul 1.8 takes no output at registration: a critical
             // service's reason follows as a write of its own (see `written`).
             Write::Register { spec, health } => client.register_service(&self.registration(spec, health)).await,
-            // Critical already: the check is there, set its reason.
-            Write::Health { spec, health, was: Some(Status::Critical) } if health.status == Status::Critical => {
+            // Not passing already: the check is there, set its status and reason.
+            Write::Health { spec, health, was: Some(Status::Critical | Status::Warning) } if health.status != Status::Passing => {
                 client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await
             }
-            // The service turns critical the moment the check is added.
-            Write::Health { spec, health, .. } if health.status == Status::Critical => {
-                client.register_check(&spec.id, &Self::health_check(spec)).await
+            // The service turns critical (or warning) the moment the check is added.
+            Write::Health { spec, health, .. } if health.status != Status::Passing => {
+                client.register_check(&spec.id, &Self::health_check(spec, health.status)).await
             }
             Write::Health { spec, .. } => client.deregister_check(&health_check_id(&spec.id)).await,
             Write::Deregister { id, .. } => client.deregister_service(id).await,
@@ -316,12 +318,30 @@ impl ConsulView {
 }
 
 /// The fields tether compares, from either side.
-fn fingerprint_of(name: &str, address: &str, port: u16, tags: &[String], meta: &BTreeMap<String, String>, notes: Option<&str>) -> String {
-    serde_json::json!({"name": name, "address": address, "port": port, "tags": tags, "meta": meta, "notes": notes}).to_string()
+/// Weights are in it only when not Consul's default (1, 1), so that records
+/// written before weights existed keep their fingerprint.
+fn fingerprint_of(
+    name: &str,
+    address: &str,
+    port: u16,
+    tags: &[String],
+    meta: &BTreeMap<String, String>,
+    notes: Option<&str>,
+    weights: Option<(u32, u32)>,
+) -> String {
+    let mut v = serde_json::json!({"name": name, "address": address, "port": port, "tags": tags, "meta": meta, "notes": notes});
+    if let Some(w) = weights.filter(|w| *w != (1, 1)) {
+        v["weights"] = serde_json::json!([w.0, w.1]);
+    }
+    v.to_string()
 }
 
 fn health_of(check: &AgentCheck) -> Health {
-    let status = if check.status == "passing" { Status::Passing } else { Status::Critical };
+    let status = match check.status.as_str() {
+        "passing" => Status::Passing,
+        "warning" => Status::Warning,
+        _ => Status::Critical,
+    };
     Health { status, output: check.output.clone() }
 }
 
@@ -366,7 +386,8 @@ impl View for ConsulView {
     }
 
     fn fingerprint(&self, spec: &ServiceSpec) -> String {
-        fingerprint_of(&spec.name, &spec.address, spec.port, &spec.tags, &self.meta(spec), Some(&Self::notes(spec)))
+        let weights = spec.weights.map(|w| (w.passing, w.warning));
+        fingerprint_of(&spec.name, &spec.address, spec.port, &spec.tags, &self.meta(spec), Some(&Self::notes(spec)), weights)
     }
 
     /// Turning critical adds the health check with no output (Consul 1.8
@@ -448,6 +469,7 @@ impl Registry for Consul {
                 port: 0,
                 tags: vec![],
                 meta,
+                weights: None,
                 checks: vec![CheckDefinition {
                     check_id: check_id.clone(),
                     name: "tether agent liveness".into(),

@@ -97,6 +97,7 @@ impl EtcdView {
                 instance: self.owner.instance.clone(),
                 managed_by: "tether".into(),
                 health: health.into(),
+                weight: spec.weights.map(|w| w.passing),
             },
             legacy: false,
         }

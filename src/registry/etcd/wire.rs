@@ -41,6 +41,9 @@ pub struct Metadata {
     pub managed_by: String,
     #[serde(default)]
     pub health: String,
+    /// The service file's `weight`, for weighted clients (absent when not set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
 }
 
 /// The stored JSON.
@@ -128,6 +131,7 @@ mod tests {
             instance: None,
             managed_by: "tether".into(),
             health: "SERVING".into(),
+            weight: None,
         }
     }
 
