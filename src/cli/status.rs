@@ -180,11 +180,12 @@ fn render(st: &Status, now: SystemTime, style: Style) -> Vec<String> {
 
 fn summary(st: &Status, style: Style) -> String {
     let b = &st.backend;
-    let (mut passing, mut critical, mut flapping, mut unknown) = (0, 0, 0, 0);
+    let (mut passing, mut warning, mut critical, mut flapping, mut unknown) = (0, 0, 0, 0, 0);
     for s in &st.services {
         match s.health.as_str() {
             _ if s.flapping.is_some() => flapping += 1,
             "passing" => passing += 1,
+            "warning" => warning += 1,
             "critical" => critical += 1,
             _ => unknown += 1,
         }
@@ -198,7 +199,7 @@ fn summary(st: &Status, style: Style) -> String {
         }
     };
     format!(
-        "tether {} on node {}{} — {} {} {}, {} — {} service{}: {}, {}, {}, {}",
+        "tether {} on node {}{} — {} {} {}, {} — {} service{}: {}, {}{}, {}, {}",
         st.version,
         st.node,
         st.instance.as_deref().map(|i| format!(" (instance {i})")).unwrap_or_default(),
@@ -209,6 +210,8 @@ fn summary(st: &Status, style: Style) -> String {
         st.services.len(),
         if st.services.len() == 1 { "" } else { "s" },
         count(passing, "passing", Colour::Green),
+        // Shown only where some service is a warning (not_serving = "warning").
+        if warning > 0 { format!("{}, ", count(warning, "warning", Colour::Yellow)) } else { String::new() },
         count(critical, "critical", Colour::Red),
         count(flapping, "flapping", Colour::Yellow),
         count(unknown, "unknown", Colour::Plain),
@@ -225,6 +228,7 @@ fn row(s: &ServiceStatus, now: SystemTime) -> [Cell; 6] {
         None => match s.health.as_str() {
             "passing" => Cell::new("passing", Colour::Green),
             "critical" => Cell::new("critical", Colour::Red),
+            "warning" => Cell::new("warning", Colour::Yellow),
             other => Cell::plain(other),
         },
     };
