@@ -26,32 +26,103 @@ pub struct HealthChange {
     pub health: Health,
 }
 
-/// Probe `spec` until `cancel` fires, sending every state change to `tx`.
+/// Probe a service's checks until `cancel` fires, sending every change of
+/// their combined health to `tx`: passing while every check passes, else the
+/// worst status among them, with a reason naming each check that fails.
 pub async fn supervise(
     id: String,
     generation: u64,
-    spec: CheckSpec,
+    checks: Vec<CheckSpec>,
     connections: Connections,
     tx: mpsc::Sender<HealthChange>,
     cancel: CancellationToken,
     telemetry: Arc<Telemetry>,
 ) {
-    let latency = telemetry.metrics.check_duration.get_or_create_owned(&Metrics::service(&id));
+    let (check_tx, mut changes) = mpsc::channel(checks.len().max(1));
+    let runs = futures::future::join_all(checks.iter().enumerate().map(|(index, spec)| {
+        run_check(&id, index, spec.clone(), &connections, check_tx.clone(), &cancel, &telemetry)
+    }));
+    tokio::pin!(runs);
+    let mut states: Vec<Option<Health>> = vec![None; checks.len()];
+    let mut sent: Option<Health> = None;
+    loop {
+        let (index, health) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = &mut runs => return,
+            Some(change) = changes.recv() => change,
+        };
+        states[index] = Some(health);
+        let Some(health) = combine(&checks, &states) else { continue };
+        if sent.as_ref() == Some(&health) {
+            continue;
+        }
+        sent = Some(health.clone());
+        // Logged by the reconciler's core, which knows whether the service is flapping.
+        let change = HealthChange { id: id.clone(), generation, health };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tx.send(change) => {}
+        }
+    }
+}
+
+/// The service's health from its checks' (`None` = no result yet): known
+/// once one fails or all have passed. With one check, that check's health.
+fn combine(checks: &[CheckSpec], states: &[Option<Health>]) -> Option<Health> {
+    if let [only] = states {
+        return only.clone();
+    }
+    let failing: Vec<(usize, &Health)> =
+        states.iter().enumerate().filter_map(|(i, h)| h.as_ref().filter(|h| h.status != Status::Passing).map(|h| (i, h))).collect();
+    let worst = failing.iter().map(|(_, h)| h.status).max_by_key(|s| match s {
+        Status::Passing => 0,
+        Status::Warning => 1,
+        Status::Critical => 2,
+    });
+    match worst {
+        Some(status) => {
+            let output = failing.iter().map(|(i, h)| format!("{}: {}", name(i + 1, &checks[*i]), h.output)).collect::<Vec<_>>().join("; ");
+            Some(Health { status, output })
+        }
+        None if states.iter().all(Option::is_some) => Some(Health::passing("SERVING")),
+        None => None,
+    }
+}
+
+/// How a reason names one of several checks: "check 2 (127.0.0.1:50052 service \"billing\")".
+fn name(n: usize, spec: &CheckSpec) -> String {
+    match spec.service.as_str() {
+        "" => format!("check {n} ({})", spec.target),
+        s => format!("check {n} ({} service {s:?})", spec.target),
+    }
+}
+
+/// Probe one check until `cancel` fires, sending each change of its status
+/// (after rise/fall) to the service's supervisor.
+async fn run_check(
+    id: &str,
+    index: usize,
+    spec: CheckSpec,
+    connections: &Connections,
+    tx: mpsc::Sender<(usize, Health)>,
+    cancel: &CancellationToken,
+    telemetry: &Telemetry,
+) {
+    let latency = telemetry.metrics.check_duration.get_or_create_owned(&Metrics::service(id));
     // A probe that cannot be built yet (a CA, certificate or key file not
     // there yet) is critical meanwhile, and built again with backoff: the
     // files are read anew each time, so they are picked up when they appear.
     let mut retry = Backoff::new(BUILD_RETRY_FIRST, BUILD_RETRY_CAP);
     let mut reported: Option<String> = None;
     let mut probe = loop {
-        match Probe::new(spec.clone(), &connections) {
+        match Probe::new(spec.clone(), connections) {
             Ok(p) => break p,
             Err(e) => {
                 if reported.as_deref() != Some(e.as_str()) {
                     tracing::warn!(service = %id, error = %e, "cannot build the health probe; retrying");
-                    let change = HealthChange { id: id.clone(), generation, health: Health::critical(e.clone()) };
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tx.send(change) => {}
+                        _ = tx.send((index, Health::critical(e.clone()))) => {}
                     }
                     reported = Some(e);
                 }
@@ -77,7 +148,7 @@ pub async fn supervise(
         };
         if let Some(d) = obs.latency {
             latency.observe(d.as_secs_f64());
-            telemetry.check_latency(&id, d, &cancel);
+            telemetry.check_latency(id, d, cancel);
         }
         threshold.observe(obs.ok);
         // An answered NOT_SERVING is a warning if the check says so; a crash
@@ -86,15 +157,55 @@ pub async fn supervise(
             Some(Status::Critical) if spec.not_serving == NotServing::Warning && super::rpc::is_not_serving(&obs) => Some(Status::Warning),
             s => s,
         };
-        if status.is_some() && status != sent {
-            sent = status;
-            let status = status.expect("some");
-            // Logged by the reconciler's core, which knows whether the service is flapping.
-            let change = HealthChange { id: id.clone(), generation, health: Health { status, output: obs.output } };
+        if let Some(status) = status.filter(|s| sent != Some(*s)) {
+            sent = Some(status);
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tx.send(change) => {}
+                _ = tx.send((index, Health { status, output: obs.output })) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(target: &str, service: &str) -> CheckSpec {
+        CheckSpec {
+            target: target.into(),
+            service: service.into(),
+            mode: crate::config::CheckMode::Watch,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 1,
+            fall: 1,
+            tls: None,
+            metadata: Default::default(),
+            authority: None,
+            not_serving: NotServing::Critical,
+        }
+    }
+
+    #[test]
+    fn several_checks_pass_only_together_and_the_reason_names_the_failing_ones() {
+        let checks = [check("127.0.0.1:1", ""), check("127.0.0.1:2", "billing")];
+        let ok = || Some(Health::passing("SERVING"));
+        assert_eq!(combine(&checks, &[ok(), None]), None, "not known until both answered");
+        assert_eq!(combine(&checks, &[ok(), ok()]), Some(Health::passing("SERVING")));
+        let down = Some(Health::critical("NOT_SERVING"));
+        assert_eq!(
+            combine(&checks, &[None, down.clone()]),
+            Some(Health::critical("check 2 (127.0.0.1:2 service \"billing\"): NOT_SERVING")),
+            "known critical as soon as one fails"
+        );
+        let warn = Some(Health { status: Status::Warning, output: "NOT_SERVING".into() });
+        assert_eq!(
+            combine(&checks, &[warn, down]),
+            Some(Health::critical("check 1 (127.0.0.1:1): NOT_SERVING; check 2 (127.0.0.1:2 service \"billing\"): NOT_SERVING")),
+            "the worst status wins"
+        );
+        let one = [check("127.0.0.1:1", "")];
+        assert_eq!(combine(&one, &[Some(Health::critical("connection refused"))]), Some(Health::critical("connection refused")));
     }
 }

@@ -279,7 +279,7 @@ impl<R: Registry> Reconciler<R> {
             self.probes.spawn(supervise(
                 id.to_string(),
                 generation,
-                check,
+                vec![check],
                 self.connections.clone(),
                 self.health_tx.clone(),
                 cancel.clone(),
