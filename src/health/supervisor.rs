@@ -39,9 +39,12 @@ pub async fn supervise(
     telemetry: Arc<Telemetry>,
 ) {
     let (check_tx, mut changes) = mpsc::channel(checks.len().max(1));
-    let runs = futures::future::join_all(checks.iter().enumerate().map(|(index, spec)| {
-        run_check(&id, index, spec.clone(), &connections, check_tx.clone(), &cancel, &telemetry)
-    }));
+    let runs = futures::future::join_all(
+        checks
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| run_check(&id, index, spec.clone(), &connections, check_tx.clone(), &cancel, &telemetry)),
+    );
     tokio::pin!(runs);
     let mut states: Vec<Option<Health>> = vec![None; checks.len()];
     let mut sent: Option<Health> = None;
