@@ -314,6 +314,8 @@ def render(res: dict) -> str:
         out.append(cross.render(res))
         out.append(caption(res, "cross"))
 
+    out.append("\n### Headline targets\n\n")
+    out.append(headline(res))
     out.append("\n### Targets\n\n")
     out.append(targets(res))
     out.append(caption(res, None))
@@ -371,6 +373,43 @@ def targets(res: dict) -> str:
         import flap  # bench/flap.py, beside this file
 
         rows += flap.target_rows(res, verdict)
+    return table(["target", "measured", "verdict"], rows)
+
+
+def headline(res: dict) -> str:
+    """The one table of headline targets (the top of docs/BENCHMARKS.md):
+    flip → critical against Consul's own check, 1,000 services against
+    Consul's registration floor, idle CPU, consumer wake-ups with damping."""
+    import flap  # bench/flap.py, beside this file
+
+    def verdict(ok) -> str:
+        return "–" if ok is None else ("met" if ok else "**missed**")
+
+    rows = []
+    d = res.get("detection_consul")
+    if d:
+        w, own = d["checks"][WATCH]["critical"], d["checks"][OWN]["critical"]
+        rows.append(["flip → critical in Consul's catalog, p99 ≤ 10 ms (tether watch mode; n = %d)" % w["n"],
+                     f"p99 {f(w['p99'], 2)} ms, p50 {f(w['p50'], 2)} ms; Consul's own gRPC check p99 {f(own['p99'], 0)} ms, p50 {f(own['p50'], 0)} ms "
+                     f"({own['p50'] / w['p50']:.0f}× slower at p50)", verdict(w["p99"] <= 10)])  # fmt: skip
+    sc = res.get("scale") or {}
+    fl = sc.get("consul_floor") or {}
+    for r in sc.get("rows", []):
+        i, n, iv, reg = r["idle"], r["n"], r["interval"], r["backend"]
+        if n == 1000 and reg == "consul" and fl:
+            floor, start = fl["register_to_all_passing_s"], r["startup_to_all_passing_s"]
+            rows.append([f"1,000 services, Consul, interval {iv}: start → all passing ≤ 1.5× Consul's own registration floor",
+                         f"{start:.2f} s against a floor of {floor:.2f} s ({start / floor:.2f}×)", verdict(start <= 1.5 * floor)])  # fmt: skip
+        if n == 1000 and reg == "etcd" and iv == "1s":
+            rows.append([f"1,000 services, etcd, interval {iv}: start → all keys ≤ 3 s", f"{r['startup_to_all_passing_s']:.2f} s", verdict(r["startup_to_all_passing_s"] <= 3)])
+    for r in sc.get("rows", []):
+        i, n, iv, reg = r["idle"], r["n"], r["interval"], r["backend"]
+        cpu = i.get("tether_cpu_ns_pct", i.get("tether_cpu_pct"))
+        lim = {1: 0.05, 1000: 3.0 if iv == "1s" else 1.0}.get(n)
+        if lim is not None and reg == "consul" and (n == 1 or iv == "1s"):
+            rows.append([f"idle CPU of tether, {n:,} service{'s' if n > 1 else ''} (Consul, interval {iv}) ≤ {lim:g} % of a core",
+                         f"{f(cpu, 3)} % over {f(i['seconds'], 0)} s (schedstat), RSS {mb(i.get('tether_rss_kb'))} MB", verdict(cpu is not None and cpu <= lim)])  # fmt: skip
+    rows += flap.target_rows(res, verdict)
     return table(["target", "measured", "verdict"], rows)
 
 
@@ -484,5 +523,8 @@ def scale_targets(sc: dict | None, verdict, cost: list | None = None) -> list[li
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1]) as fh:
-        sys.stdout.write(render(json.load(fh)))
+    # python3 bench/report.py [--headline] results.json
+    args = sys.argv[1:]
+    with open(args[-1]) as fh:
+        res = json.load(fh)
+    sys.stdout.write(headline(res) if "--headline" in args else render(res))

@@ -44,6 +44,7 @@ import report  # noqa: E402
 SCALE_ROWS = [
     ("consul", 1, "1s", 60), ("consul", 100, "1s", None),
     ("consul", 1000, "1s", 120), ("consul", 1000, "5s", 120),
+    ("etcd", 1, "1s", 60), ("etcd", 100, "1s", None),
     ("etcd", 1000, "1s", None), ("etcd", 1000, "5s", None),
 ]
 FULL = dict(flips=50, etcd_flips=50, rotation_flips=50, crashes=10, etcd_crashes=5, config_reps=20, calib=40,
@@ -641,6 +642,9 @@ class Bench:
             if cfg["scale_floor"]:
                 log("scale: Consul's own floor")
                 self.fresh_consul()
+                # Registration alone at 1 and 100 (the plot of start → all passing), then 1,000 in full.
+                res["consul_floor_small"] = [scale.consul_registration_floor(self.consul, k) for k in (1, 100)]
+                self.fresh_consul()
                 res["consul_floor"] = scale.consul_floor(self.consul, 1000, 100, cfg["scale_flip_reps"])
             for backend, n, interval, idle_s in cfg["scale_rows"]:
                 if backend == "consul":
@@ -810,6 +814,7 @@ def main() -> int:
     ap.add_argument("--tools", required=True, help="folder with consul and etcd")
     ap.add_argument("--go-client", help="tests/go/etcdclient, built (the rotation phase needs it)")
     ap.add_argument("--go-server", help="tests/go/healthserver, built (the flap phase needs it)")
+    ap.add_argument("--plots-python", help="a Python with matplotlib: draw the plots (bench/plots.py) into OUT/img at the end")
     ap.add_argument("--flap-seconds", type=float, help="flap phase: how long the service is toggled (default 20) and the quiet window before")
     ap.add_argument("--out", required=True, help="folder for results.json, report.md and logs")
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 flips, 10 and 100 services, short windows")
@@ -817,7 +822,7 @@ def main() -> int:
     ap.add_argument("--services", help="comma-separated service counts for the footprint (default 10,100,1000; quick 10,100)")
     ap.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("--scale-rows", help="comma-separated subset of the scale phase's rows as BACKEND:N:INTERVAL "
-                    "(e.g. consul:1:1s,consul:1000:1s); default all six")
+                    "(e.g. consul:1:1s,consul:1000:1s); default all eight")
     ap.add_argument("--no-floor", action="store_true", help="scale phase: skip Consul's own floor (quicker, for one row)")
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--keep", action="store_true", help="keep the temporary work folder (configs, logs)")
@@ -876,6 +881,17 @@ def main() -> int:
             log(f"done in {res['meta']['total_s']} s: {args.out}/report.md, {args.out}/results.json")
         else:
             log(f"incomplete run; partial results in {args.out}/results.json")
+        if args.plots_python:
+            # The plots, from results.json alone (bench/plots.py; matplotlib in the venv of
+            # scripts/install-deps.sh): of what the run has, complete or not.
+            plots = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots.py")
+            img = os.path.join(args.out, "img")
+            try:
+                r = subprocess.run([args.plots_python, plots, args.out, img], capture_output=True, text=True, timeout=300)
+                drawn = r.stdout.split()
+                log(f"plots: {', '.join(drawn) or 'none'}" + (f" (exit {r.returncode}: {r.stderr.strip()[-500:]})" if r.returncode else ""))
+            except (OSError, subprocess.TimeoutExpired) as e:
+                log(f"plots: not drawn: {e}")
     return 0
 
 

@@ -158,6 +158,31 @@ def floor_critical_check(sid: str, port: int) -> dict:
     }  # fmt: skip
 
 
+def consul_registration_floor(consul, n: int) -> dict:
+    """Consul's floor for registering n services alone (no idle window, no
+    flips; for the small counts beside consul_floor's 1,000): the same PUTs,
+    sequentially on one keep-alive connection, timed until the catalog shows
+    all n passing (polled every 10 ms), then deregistered."""
+    h = consul.http
+    live = "floor-live"
+    live_reg = {"ID": live, "Name": "floor-live", "Checks": [{"CheckID": "floor-liveness", "Name": "liveness", "TTL": "10m", "Status": "passing"}]}
+    h.json("PUT", "/v1/agent/service/register?replace-existing-checks=true", live_reg)
+    ids = [f"sc-f-{i}" for i in range(n)]
+    try:
+        t0 = time.monotonic()
+        for sid in ids:
+            h.json("PUT", "/v1/agent/service/register?replace-existing-checks=true", floor_registration(sid, 50000, live))
+        t_put = time.monotonic() - t0
+        wait_until(lambda: consul_all_passing(consul, "floor", n), 120, 0.01, f"floor: {n} passing")
+        t_all = time.monotonic() - t0
+        log(f"floor: {n} registrations PUT in {t_put:.3f} s, all passing in the catalog after {t_all:.3f} s")
+        return {"n": n, "register_put_s": round(t_put, 4), "register_to_all_passing_s": round(t_all, 4)}
+    finally:
+        for sid in ids:
+            h.request("PUT", f"/v1/agent/service/deregister/{sid}")
+        h.request("PUT", f"/v1/agent/service/deregister/{live}")
+
+
 def consul_floor(consul, n: int, updates: int, reps: int) -> dict:
     """Consul's own floor: n registrations PUT sequentially on one keep-alive
     connection, then `updates` services flipped critical and back by the

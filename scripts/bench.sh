@@ -9,7 +9,7 @@
 #   --quick     smoke run (~9 min): 10 flips, 10 and 100 services, 10 s windows
 #   --only P    run only these phases (comma-separated), e.g. --only scale:
 #               1,000 services over 10 servers, Consul's own floor (~7 min)
-#   --out DIR   where results.json, report.md and logs/ go
+#   --out DIR   where results.json, report.md, img/ (the plots) and logs/ go
 #               (default: $CARGO_TARGET_DIR/bench-results/<UTC time>, target/ if unset)
 # Other options go to bench/run.py (e.g. --flips 80, --seed 1, --keep,
 # --phases calibration,detection); see python3 bench/run.py --help.
@@ -19,8 +19,12 @@
 # agent of a 3-server Consul cluster, seen by a blocking query on another,
 # tether against Consul's own check, ~4 min).
 #
+# At the end the plots are drawn from results.json into OUT/img by
+# bench/plots.py (matplotlib from the venv of scripts/install-deps.sh); again
+# at any time with: .tools/venv/bin/python bench/plots.py OUT OUT_DIR.
+#
 # Builds tether and the example health server in release mode with
-# CARGO_TARGET_DIR (default target/), and the grpc-go client of tests/go. A
+# CARGO_TARGET_DIR (default target/), and the grpc-go client and server of tests/go. A
 # full run takes about 30 minutes on a 2-core machine (the scale phase about 13
 # of them, cross about 4). Every process it starts is stopped at the end, also on error or
 # Ctrl-C (run.py: try/finally, PR_SET_PDEATHSIG).
@@ -37,7 +41,7 @@ while [ $# -gt 0 ]; do
         --only) args+=(--phases "$2"); shift 2 ;;
         --only=*) args+=(--phases "${1#--only=}"); shift ;;
         --) shift; args+=("$@"); break ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1"); shift ;;
     esac
 done
@@ -76,6 +80,7 @@ exec python3 bench/run.py \
     --go-client "$target/release/go/etcdclient" \
     --go-server "$target/release/go/healthserver" \
     --tools "$root/.tools/bin" \
+    --plots-python "$root/.tools/venv/bin/python" \
     --out "$out" \
     --command "$cmd" \
     ${args[@]+"${args[@]}"}
