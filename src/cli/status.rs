@@ -13,7 +13,7 @@
 //! agent's JSON as it came (full errors, exact times).
 
 use crate::config::agent;
-use crate::telemetry::status::{ServiceStatus, Status};
+use crate::telemetry::status::{ServiceStatus, Snapshot};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -61,7 +61,7 @@ pub(super) async fn status(config: &std::path::Path, json: bool) -> ExitCode {
         print!("{body}");
         return ExitCode::SUCCESS;
     }
-    let st: Status = match serde_json::from_str(&body) {
+    let st: Snapshot = match serde_json::from_str(&body) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {url} did not return tether's status: {e}");
@@ -144,7 +144,7 @@ fn paint(text: &str, colour: Colour, style: Style) -> String {
 
 /// The human output: a summary line, then one line per service, then the
 /// registry's and the configuration's errors.
-fn render(st: &Status, now: SystemTime, style: Style) -> Vec<String> {
+fn render(st: &Snapshot, now: SystemTime, style: Style) -> Vec<String> {
     let mut lines = vec![summary(st, style)];
     if !st.services.is_empty() {
         let header = ["ID", "HEALTH", "SINCE", "CHECK", "REGISTRY", "LAST ERROR"].map(|h| Cell::new(h, Colour::Bold));
@@ -178,7 +178,7 @@ fn render(st: &Status, now: SystemTime, style: Style) -> Vec<String> {
     lines
 }
 
-fn summary(st: &Status, style: Style) -> String {
+fn summary(st: &Snapshot, style: Style) -> String {
     let b = &st.backend;
     let (mut passing, mut warning, mut critical, mut flapping, mut unknown) = (0, 0, 0, 0, 0);
     for s in &st.services {
@@ -333,10 +333,10 @@ mod tests {
     }
 
     /// Seven services, one of each kind of line, seen at `now`.
-    fn status(now: SystemTime) -> Status {
+    fn status(now: SystemTime) -> Snapshot {
         let ago = |s: u64| Some(rfc3339(now - Duration::from_secs(s)));
         let ahead = |ms: u64| Some(rfc3339(now + Duration::from_millis(ms)));
-        let mut st = Status::new("n1", "Consul", "http://127.0.0.1:8500");
+        let mut st = Snapshot::new("n1", "Consul", "http://127.0.0.1:8500");
         st.ready = true;
         st.backend.connected = true;
         let mut orders = service("orders-1", "passing", "SERVING");
@@ -450,7 +450,7 @@ mod tests {
     #[test]
     fn summary_of_an_agent_in_trouble() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_760_000_000);
-        let mut st = Status::new("n2", "etcd", "http://127.0.0.1:2379");
+        let mut st = Snapshot::new("n2", "etcd", "http://127.0.0.1:2379");
         st.instance = Some("pod-a".to_string());
         st.backend.last_error = Some("etcd: connection refused".to_string());
         st.config_errors = vec!["/etc/tether/services.d/x.toml:2:8: port 70000 is out of range; use a port from 1 to 65535".to_string()];

@@ -13,7 +13,7 @@ use tonic::client::Grpc;
 use tonic::codec::{BufferSettings, Codec, Streaming};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, GrpcMethod, Request, Response, Status};
+use tonic::{Code, GrpcMethod, Request, Response, Status as RpcStatus};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_prost::ProstCodec;
@@ -43,12 +43,12 @@ impl Codec for SmallCodec {
     }
 }
 
-async fn ready(grpc: &mut Grpc<Channel>) -> Result<(), Status> {
-    grpc.ready().await.map_err(|e| Status::unknown(format!("Service was not ready: {e}")))
+async fn ready(grpc: &mut Grpc<Channel>) -> Result<(), RpcStatus> {
+    grpc.ready().await.map_err(|e| RpcStatus::unknown(format!("Service was not ready: {e}")))
 }
 
 /// `grpc.health.v1.Health/Check`.
-pub async fn check(channel: Channel, request: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
+pub async fn check(channel: Channel, request: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, RpcStatus> {
     let mut grpc = Grpc::new(channel);
     ready(&mut grpc).await?;
     let mut request = request;
@@ -57,7 +57,7 @@ pub async fn check(channel: Channel, request: Request<HealthCheckRequest>) -> Re
 }
 
 /// `grpc.health.v1.Health/Watch`.
-pub async fn watch(channel: Channel, request: Request<HealthCheckRequest>) -> Result<Response<Streaming<HealthCheckResponse>>, Status> {
+pub async fn watch(channel: Channel, request: Request<HealthCheckRequest>) -> Result<Response<Streaming<HealthCheckResponse>>, RpcStatus> {
     let mut grpc = Grpc::new(channel);
     ready(&mut grpc).await?;
     let mut request = request;
@@ -100,7 +100,7 @@ pub fn is_not_serving(obs: &Observation) -> bool {
 }
 
 /// A short human reason for a failed RPC: "connection refused", "UNIMPLEMENTED: …".
-pub fn describe(status: &Status, deadline: Duration) -> String {
+pub fn describe(status: &RpcStatus, deadline: Duration) -> String {
     if let Some(io) = io_cause(status) {
         return match io.kind() {
             std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
@@ -127,7 +127,7 @@ pub fn describe(status: &Status, deadline: Duration) -> String {
     }
 }
 
-fn io_cause(status: &Status) -> Option<&std::io::Error> {
+fn io_cause(status: &RpcStatus) -> Option<&std::io::Error> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -163,7 +163,7 @@ pub fn code_name(code: Code) -> &'static str {
 
 /// Whether an error status came from the server itself (so it is alive),
 /// rather than from the transport or a deadline.
-pub(super) fn server_answered(status: &Status) -> bool {
+pub(super) fn server_answered(status: &RpcStatus) -> bool {
     let transport = io_cause(status).is_some()
         || matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown)
         || (status.code() == Code::Cancelled && status.message().contains("Timeout expired"));

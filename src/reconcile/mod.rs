@@ -226,8 +226,8 @@ impl<R: Registry> Reconciler<R> {
         let Outbox { probes, changed, drains, lane_agent, backend, in_sync } = out;
         for change in probes {
             match change {
-                ProbeChange::Start { id, generation, check } => {
-                    let token = self.spawn_probe(&id, generation, check);
+                ProbeChange::Start { id, generation, checks } => {
+                    let token = self.spawn_probe(&id, generation, checks);
                     if let Some(old) = self.probe_tokens.insert(id, token) {
                         old.cancel();
                     }
@@ -273,13 +273,13 @@ impl<R: Registry> Reconciler<R> {
         }
     }
 
-    fn spawn_probe(&self, id: &str, generation: u64, check: crate::config::CheckSpec) -> CancellationToken {
+    fn spawn_probe(&self, id: &str, generation: u64, checks: Vec<crate::config::CheckSpec>) -> CancellationToken {
         let cancel = CancellationToken::new();
         if self.probing {
             self.probes.spawn(supervise(
                 id.to_string(),
                 generation,
-                vec![check],
+                checks,
                 self.connections.clone(),
                 self.health_tx.clone(),
                 cancel.clone(),

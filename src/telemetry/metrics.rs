@@ -84,7 +84,11 @@ impl Metrics {
             config_errors: Gauge::default(),
             services: Gauge::default(),
         };
-        registry.register("service_health", "Health per service: 1 passing, 0 critical, 2 warning (not_serving = \"warning\"), -1 not yet known", m.service_health.clone());
+        registry.register(
+            "service_health",
+            "Health per service: 1 passing, 0 critical, 2 warning (not_serving = \"warning\"), -1 not yet known",
+            m.service_health.clone(),
+        );
         registry.register("service_transitions", "Health state changes per service", m.service_transitions.clone());
         registry.register("check_duration_seconds", "grpc.health.v1 Check round trips and Watch message waits", m.check_duration.clone());
         registry.register(

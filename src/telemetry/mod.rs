@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Telemetry {
     pub metrics: metrics::Metrics,
     /// Everything in `/v1/status` but the services.
-    pub status: Mutex<status::Status>,
+    pub status: Mutex<status::Snapshot>,
     /// Per service, updated by the reconciler on each change of that service.
     services: Mutex<BTreeMap<String, status::ServiceStatus>>,
     /// Per service, the latency of its last answered probe in milliseconds,
@@ -38,7 +38,7 @@ impl Telemetry {
     pub fn new(node: &str, backend: &str, endpoint: &str) -> Self {
         Telemetry {
             metrics: metrics::Metrics::new(backend),
-            status: Mutex::new(status::Status::new(node, backend, endpoint)),
+            status: Mutex::new(status::Snapshot::new(node, backend, endpoint)),
             services: Mutex::new(BTreeMap::new()),
             last_check_ms: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -48,7 +48,7 @@ impl Telemetry {
     }
 
     /// Change the shared status (poisoning never stops the agent).
-    pub fn with_status<T>(&self, f: impl FnOnce(&mut status::Status) -> T) -> T {
+    pub fn with_status<T>(&self, f: impl FnOnce(&mut status::Snapshot) -> T) -> T {
         f(&mut lock(&self.status))
     }
 
@@ -86,7 +86,7 @@ impl Telemetry {
     }
 
     /// The full status, built on request.
-    pub fn snapshot(&self) -> status::Status {
+    pub fn snapshot(&self) -> status::Snapshot {
         let mut status = lock(&self.status).clone();
         status.ready = self.is_ready();
         let heartbeat = status.backend.last_heartbeat.clone();

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Status {
+pub struct Snapshot {
     pub node: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
@@ -78,9 +78,9 @@ pub struct Flapping {
     pub until: Option<String>,
 }
 
-impl Status {
+impl Snapshot {
     pub fn new(node: &str, backend: &str, endpoint: &str) -> Self {
-        Status {
+        Snapshot {
             node: node.to_string(),
             instance: None,
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -130,7 +130,7 @@ pub(super) enum Cause {
 /// A probe the task around the core must start or stop.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProbeChange {
-    Start { id: String, generation: u64, check: CheckSpec },
+    Start { id: String, generation: u64, checks: Vec<CheckSpec> },
     Stop { id: String },
 }
 
@@ -291,14 +291,22 @@ impl<V: View> Core<V> {
                     if entry.spec.check != spec.check {
                         self.generation += 1;
                         entry.generation = self.generation;
-                        self.out.probes.push(ProbeChange::Start { id: id.clone(), generation: self.generation, check: spec.check.clone() });
+                        self.out.probes.push(ProbeChange::Start {
+                            id: id.clone(),
+                            generation: self.generation,
+                            checks: vec![spec.check.clone()],
+                        });
                     }
                     entry.spec = Arc::new(spec);
                 }
                 None => {
                     tracing::info!(service = %id, file = %spec.file.display(), "service added");
                     self.generation += 1;
-                    self.out.probes.push(ProbeChange::Start { id: id.clone(), generation: self.generation, check: spec.check.clone() });
+                    self.out.probes.push(ProbeChange::Start {
+                        id: id.clone(),
+                        generation: self.generation,
+                        checks: vec![spec.check.clone()],
+                    });
                     self.m().service_health.get_or_create(&Metrics::service(&id)).set(-1);
                     let grace_ends = now + spec.check.timeout + FIRST_RESULT_GRACE;
                     self.timers.push(Reverse((grace_ends, id.clone())));

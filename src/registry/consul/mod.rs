@@ -61,10 +61,10 @@ pub fn liveness_check_id(owner: &Owner) -> String {
     format!("tether-liveness:{}", owner.label())
 }
 
-/// A connection to the Consul agent and its credentials: the ACL token is
+/// A session with the Consul agent: the HTTP client and its credentials: the ACL token is
 /// re-read when its file changes, the HTTP client rebuilt when TLS files
 /// rotate. The writer and the heartbeat lane each have their own.
-struct Conn {
+struct Session {
     client: ConsulClient,
     address: String,
     tls: TlsConfig,
@@ -73,7 +73,7 @@ struct Conn {
     token_stamp: Option<(SystemTime, u64)>,
 }
 
-impl Conn {
+impl Session {
     /// The agent's services and checks: one read of its state.
     async fn read(&self) -> Result<(HashMap<String, AgentService>, HashMap<String, AgentCheck>)> {
         tokio::try_join!(self.client.services(), self.client.checks()).map_err(err)
@@ -82,7 +82,7 @@ impl Conn {
     fn new(address: &str, tls: TlsConfig, token_file: Option<PathBuf>) -> std::result::Result<Self, String> {
         let client = ConsulClient::new(address, None, &tls)?;
         let rotation = Rotation::new(&tls);
-        Ok(Conn { client, address: address.to_string(), tls, rotation, token_file, token_stamp: None })
+        Ok(Session { client, address: address.to_string(), tls, rotation, token_file, token_stamp: None })
     }
 
     /// Pick up rotated TLS files and a changed token file (checked before
@@ -113,7 +113,7 @@ impl Conn {
 }
 
 pub struct Consul {
-    conn: Conn,
+    session: Session,
     view: ConsulView,
     /// This run's id, in the liveness check's output.
     run: String,
@@ -153,7 +153,7 @@ pub struct ConsulView {
 
 /// tether's liveness heartbeat on its own connection.
 pub struct ConsulLane {
-    conn: Conn,
+    session: Session,
     check_id: String,
     run: String,
     beats: u64,
@@ -162,7 +162,7 @@ pub struct ConsulLane {
 impl Consul {
     pub fn new(address: &str, tls: TlsConfig, owner: &Owner) -> std::result::Result<Self, String> {
         Ok(Consul {
-            conn: Conn::new(address, tls.clone(), None)?,
+            session: Session::new(address, tls.clone(), None)?,
             view: ConsulView { owner: owner.clone(), credentials: tls_files(&tls) },
             run: crate::identity::run_id(),
             version_read: false,
@@ -173,8 +173,8 @@ impl Consul {
     /// so a rotated token needs no restart.
     pub fn with_token_file(mut self, path: PathBuf) -> Result<Self> {
         self.view.credentials.push(path.clone());
-        self.conn.token_file = Some(path);
-        self.conn.refresh()?;
+        self.session.token_file = Some(path);
+        self.session.refresh()?;
         Ok(self)
     }
 
@@ -259,7 +259,7 @@ impl Consul {
     }
 
     async fn write(&self, w: &Write) -> std::result::Result<(), ConsulError> {
-        let client = &self.conn.client;
+        let client = &self.session.client;
         match w {
             // Consul 1.8 takes no output at registration: a critical
             // service's reason follows as a write of its own (see `written`).
@@ -401,14 +401,14 @@ impl View for ConsulView {
 
 impl Heartbeat for ConsulLane {
     async fn beat(&mut self) -> Result<()> {
-        self.conn.refresh()?;
+        self.session.refresh()?;
         // The output changes with every beat: a starting agent with the same
         // identity sees it move and refuses (see `identity`). Consul's agent
         // syncs output-only changes to its servers rarely, so this costs no
         // Raft writes.
         self.beats += 1;
         let output = format!("tether is alive (run {}, beat {})", self.run, self.beats);
-        self.conn.client.update_check(&self.check_id, "passing", &output).await.map_err(err)
+        self.session.client.update_check(&self.check_id, "passing", &output).await.map_err(err)
     }
 }
 
@@ -429,10 +429,10 @@ impl Registry for Consul {
     }
 
     fn lane(&self) -> Result<ConsulLane> {
-        let mut conn = Conn::new(&self.conn.address, self.conn.tls.clone(), self.conn.token_file.clone())
+        let mut session = Session::new(&self.session.address, self.session.tls.clone(), self.session.token_file.clone())
             .map_err(|e| RegistryError::new(ErrorKind::Rejected, e))?;
-        conn.refresh()?;
-        Ok(ConsulLane { conn, check_id: liveness_check_id(self.owner()), run: self.run.clone(), beats: 0 })
+        session.refresh()?;
+        Ok(ConsulLane { session, check_id: liveness_check_id(self.owner()), run: self.run.clone(), beats: 0 })
     }
 
     fn max_batch(&self) -> usize {
@@ -440,16 +440,16 @@ impl Registry for Consul {
     }
 
     async fn sync_agent(&mut self, agent: &AgentInfo) -> Result<Vec<RemoteEntry>> {
-        self.conn.refresh()?;
+        self.session.refresh()?;
         let id = agent_service_id(self.owner());
         let check_id = liveness_check_id(self.owner());
         let meta = self.agent_meta(agent);
-        let (services, checks) = self.conn.read().await?;
+        let (services, checks) = self.session.read().await?;
         if !self.version_read {
             self.version_read = true;
-            match self.conn.client.version().await {
+            match self.session.client.version().await {
                 Ok(v) if alias_leak(&v) => tracing::warn!(
-                    consul = %self.conn.address,
+                    consul = %self.session.address,
                     version = %v,
                     "this Consul agent never stops the alias check of a deregistered service (hashicorp/consul#14935): \
                      each service tether removes, or Consul reaps, keeps costing the agent CPU once a minute until it \
@@ -459,7 +459,7 @@ impl Registry for Consul {
                 Err(e) => tracing::debug!(error = %e, "could not read the Consul agent's version"),
             }
         }
-        let client = &self.conn.client;
+        let client = &self.session.client;
         let present = services.get(&id).is_some_and(|s| s.meta.as_ref() == Some(&meta)) && checks.contains_key(&check_id);
         if !present {
             let reg = ServiceRegistration {
@@ -490,7 +490,7 @@ impl Registry for Consul {
     }
 
     async fn list(&mut self) -> Result<Vec<RemoteEntry>> {
-        let (services, checks) = self.conn.read().await?;
+        let (services, checks) = self.session.read().await?;
         Ok(self.owned_entries(services, &checks))
     }
 
@@ -502,7 +502,7 @@ impl Registry for Consul {
         // failure that can heal stops the chunks not yet sent.
         // A rotated token (or TLS files) is used from the next batch on: a
         // stat per batch.
-        if let Err(e) = self.conn.refresh() {
+        if let Err(e) = self.session.refresh() {
             let mut outcomes = vec![Outcome::NotTried; writes.len()];
             outcomes.fill(Outcome::Failed(e));
             return outcomes;
@@ -531,10 +531,10 @@ impl Registry for Consul {
     }
 
     async fn claim(&mut self) -> Result<Option<String>> {
-        self.conn.refresh()?;
+        self.session.refresh()?;
         let check_id = liveness_check_id(self.owner());
-        let (services, checks) = self.conn.read().await?;
-        let client = &self.conn.client;
+        let (services, checks) = self.session.read().await?;
+        let client = &self.session.client;
         let Some(first) = checks.get(&check_id) else { return Ok(None) };
         if first.status != "passing" || first.output.starts_with(STOPPED) {
             return Ok(None);
@@ -562,11 +562,11 @@ impl Registry for Consul {
 
     async fn shutdown(&mut self, deregister: bool) -> Result<()> {
         if deregister {
-            self.conn.client.deregister_service(&agent_service_id(self.owner())).await.map_err(err)?;
+            self.session.client.deregister_service(&agent_service_id(self.owner())).await.map_err(err)?;
         } else {
             // Services stay until the liveness TTL runs out; a restart adopts them at once.
             let output = format!("{STOPPED} (run {}); services left to expire by TTL", self.run);
-            self.conn.client.update_check(&liveness_check_id(self.owner()), "passing", &output).await.map_err(err)?;
+            self.session.client.update_check(&liveness_check_id(self.owner()), "passing", &output).await.map_err(err)?;
         }
         Ok(())
     }
