@@ -49,7 +49,7 @@ struct Key {
 /// The pool of connections to gRPC targets, shared by all probes.
 #[derive(Clone, Default)]
 pub struct Connections {
-    inner: Arc<Mutex<HashMap<Key, Vec<Weak<Conn>>>>>,
+    inner: Arc<Mutex<HashMap<Key, Vec<Weak<Connection>>>>>,
 }
 
 /// The result of a connection's latest liveness check.
@@ -61,7 +61,7 @@ pub struct Beat {
     pub error: Option<String>,
 }
 
-struct Conn {
+struct Connection {
     key: Key,
     channel: Channel,
     /// Sent on every call on this connection, its liveness check included.
@@ -80,7 +80,7 @@ struct Conn {
 
 /// One service's share of a connection. Dropping it releases the share.
 pub struct Lease {
-    conn: Arc<Conn>,
+    conn: Arc<Connection>,
     watch: bool,
 }
 
@@ -104,9 +104,9 @@ impl Connections {
             None => {
                 let rotation = key.tls.as_ref().map(Rotation::new);
                 let watch_joined = Arc::new(Notify::new());
-                let channel = endpoint(&key.target, spec.timeout, key.tls.as_ref(), key.authority.as_deref())?.connect_lazy();
+                let channel = channel(&key, spec.timeout)?;
                 let metadata = Metadata::new(&key.metadata)?;
-                let conn = Arc::new(Conn {
+                let conn = Arc::new(Connection {
                     key,
                     channel,
                     metadata,
@@ -155,7 +155,7 @@ impl Lease {
     }
 }
 
-impl Conn {
+impl Connection {
     fn rotated(&self) -> bool {
         match (&self.rotation, &self.key.tls) {
             (Some(r), Some(tls)) => r.changed(tls),
@@ -177,7 +177,7 @@ impl Drop for Lease {
 /// the connection has no Watch user it sleeps until one joins (or
 /// [`UNWATCHED_RECHECK`] passes, to notice a dropped connection), so a
 /// poll-only connection costs no extra wake-ups.
-async fn liveness(conn: Weak<Conn>, watch_joined: Arc<Notify>) {
+async fn liveness(conn: Weak<Connection>, watch_joined: Arc<Notify>) {
     loop {
         let Some((interval, _)) = settings(&conn) else { return };
         if conn.upgrade().is_none_or(|c| c.watchers.load(Ordering::Relaxed) == 0) {
@@ -217,7 +217,23 @@ async fn liveness(conn: Weak<Conn>, watch_joined: Arc<Notify>) {
     }
 }
 
-fn settings(conn: &Weak<Conn>) -> Option<(Duration, Duration)> {
+/// A lazily connecting channel to the key's target: `host:port` over TCP,
+/// or `unix:///path` over a Unix socket (`:authority` then `localhost`
+/// unless `authority` says otherwise).
+fn channel(key: &Key, connect_timeout: Duration) -> Result<Channel, String> {
+    let Some(path) = key.target.strip_prefix("unix://") else {
+        return Ok(endpoint(&key.target, connect_timeout, key.tls.as_ref(), key.authority.as_deref())?.connect_lazy());
+    };
+    let path = std::path::PathBuf::from(path);
+    let authority = key.authority.as_deref().unwrap_or("localhost");
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+    });
+    Ok(endpoint(authority, connect_timeout, key.tls.as_ref(), None)?.connect_with_connector_lazy(connector))
+}
+
+fn settings(conn: &Weak<Connection>) -> Option<(Duration, Duration)> {
     let c = conn.upgrade()?;
     let interval = match c.interval_ms.load(Ordering::Relaxed) {
         u64::MAX => Duration::from_secs(5),

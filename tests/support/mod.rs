@@ -992,14 +992,29 @@ impl GoHealthServer {
         Self::start_with_env(&[("AUTH_TOKEN", token), ("AUTH_LOG", "auth.log")])
     }
 
+    /// Listening on a Unix socket (`server.sock` in its own directory) instead of TCP.
+    pub fn start_unix() -> GoHealthServer {
+        Self::start_on(None, &[])
+    }
+
+    /// The Unix socket of a server from [`GoHealthServer::start_unix`].
+    pub fn socket(&self) -> PathBuf {
+        self._dir.path().join("server.sock")
+    }
+
     fn start_with_env(env: &[(&str, &str)]) -> GoHealthServer {
+        Self::start_on(Some("127.0.0.1:0"), env)
+    }
+
+    fn start_on(addr: Option<&str>, env: &[(&str, &str)]) -> GoHealthServer {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("healthserver.log");
         let mut cmd = Command::new(go_bin("healthserver"));
         for (k, v) in env {
             cmd.env(k, if *k == "AUTH_LOG" { dir.path().join(v).display().to_string() } else { v.to_string() });
         }
-        cmd.arg("127.0.0.1:0").stderr(std::fs::File::create(&log).unwrap());
+        let addr = addr.map_or_else(|| format!("unix://{}", dir.path().join("server.sock").display()), str::to_string);
+        cmd.arg(addr).stderr(std::fs::File::create(&log).unwrap());
         let (child, stdin, stdout, port) = spawn_driven(&mut cmd, "Go health server");
         GoHealthServer { child, stdin, stdout: Some(stdout), port, log, _dir: dir }
     }

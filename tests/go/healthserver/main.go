@@ -5,6 +5,7 @@
 // examples/health_server.rs:
 //
 //	healthserver 127.0.0.1:0 [SERVICE ...]
+//	healthserver unix:///path/to.sock [SERVICE ...]
 //
 // Prints "listening on ADDR" once bound. Stdin lines: `serving`, `not_serving`
 // (every named service and "" at once; answers "ok"), `stop` (health.Shutdown(),
@@ -73,7 +74,11 @@ func main() {
 		addr = os.Args[1]
 	}
 	services := append([]string{""}, os.Args[min(2, len(os.Args)):]...)
-	lis, err := net.Listen("tcp", addr)
+	network := "tcp"
+	if strings.HasPrefix(addr, "unix://") {
+		network, addr = "unix", strings.TrimPrefix(addr, "unix://")
+	}
+	lis, err := net.Listen(network, addr)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
@@ -93,7 +98,12 @@ func main() {
 	set(healthpb.HealthCheckResponse_SERVING)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(lis) }()
-	fmt.Printf("listening on %s\n", lis.Addr())
+	if network == "unix" {
+		// The driver reads a port after the last ':'; a socket has none.
+		fmt.Printf("listening on unix://%s:0\n", addr)
+	} else {
+		fmt.Printf("listening on %s\n", lis.Addr())
+	}
 
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
