@@ -1,5 +1,6 @@
 //! `tether validate`: the agent config and service files checked offline,
-//! with the parser `run` uses.
+//! with the parser `run` uses. Every error of every file is shown, each with
+//! its file:line:col, and the exit status is 1 if there is any.
 
 use crate::config::{agent, scan, Defaults};
 use std::path::PathBuf;
@@ -13,21 +14,19 @@ pub(super) fn validate(config: &std::path::Path, paths: &[PathBuf], agent_only: 
             // Checking only service files needs no agent config if none is there.
             let missing = !config.exists() && config == std::path::Path::new(agent::DEFAULT_PATH) && !paths.is_empty();
             if !missing {
-                errors.push(e.to_string());
+                errors.extend(e.iter().map(|e| e.to_string()));
             }
             None
         }
     };
     if agent_only {
-        return match (agent, errors.first()) {
-            (Some(a), None) => {
+        return match agent {
+            Some(a) => {
                 println!("ok: agent config {}", a.path.display());
                 ExitCode::SUCCESS
             }
-            (_, e) => {
-                eprintln!("error: {}", e.map(String::as_str).unwrap_or("no agent config"));
-                ExitCode::from(1)
-            }
+            None if errors.is_empty() => fail(&["no agent config".to_string()]),
+            None => fail(&errors),
         };
     }
     let defaults = agent.as_ref().map(|a| a.defaults()).unwrap_or_else(|| Defaults {
@@ -54,9 +53,6 @@ pub(super) fn validate(config: &std::path::Path, paths: &[PathBuf], agent_only: 
     }
     let result = scan::scan_files(&files, &defaults);
     errors.extend(result.errors.iter().map(|e| e.to_string()));
-    for e in &errors {
-        eprintln!("error: {e}");
-    }
     if errors.is_empty() {
         println!(
             "ok: {} service(s) valid{}",
@@ -65,7 +61,15 @@ pub(super) fn validate(config: &std::path::Path, paths: &[PathBuf], agent_only: 
         );
         ExitCode::SUCCESS
     } else {
-        eprintln!("{} error(s)", errors.len());
-        ExitCode::from(1)
+        fail(&errors)
     }
+}
+
+/// Every error, one per line, then how many; exit status 1.
+fn fail(errors: &[String]) -> ExitCode {
+    for e in errors {
+        eprintln!("error: {e}");
+    }
+    eprintln!("{} error(s)", errors.len());
+    ExitCode::from(1)
 }

@@ -1,12 +1,12 @@
 //! The agent's own configuration file (`/etc/tether/tether.toml` by default).
 
-use super::error::{from_toml, ConfigError};
+use super::error::doc::{self, Section};
+use super::error::suggest::Schema;
+use super::error::{ConfigError, ConfigErrors, Errors};
 use super::file::read_file;
 use super::tls::{RawTls, TlsConfig};
-use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use toml::Spanned;
 
 pub const DEFAULT_PATH: &str = "/etc/tether/tether.toml";
 
@@ -189,54 +189,37 @@ fn check_instance(s: &str) -> Result<(), (String, &'static str)> {
     Ok(())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAgent {
-    services_dir: Option<PathBuf>,
-    node: Option<Spanned<String>>,
-    instance: Option<Spanned<String>>,
-    runtime_dir: Option<PathBuf>,
-    anti_entropy_interval: Option<Spanned<super::duration::GoDuration>>,
-    listen: Option<Spanned<String>>,
-    deregister_on_shutdown: Option<bool>,
-    allow_remote_listen: Option<bool>,
-    consul: Option<Spanned<RawConsul>>,
-    etcd: Option<Spanned<RawEtcd>>,
-    damping: Option<super::damping::RawDamping>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConsul {
-    address: Option<Spanned<String>>,
-    token_file: Option<PathBuf>,
-    ca_file: Option<PathBuf>,
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-    tls_server_name: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEtcd {
-    endpoints: Spanned<Vec<String>>,
-    prefix: Option<Spanned<String>>,
-    username: Option<String>,
-    password_file: Option<PathBuf>,
-    ca_file: Option<PathBuf>,
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-    tls_server_name: Option<String>,
-}
+/// The keys of the agent file, by table (`""`: the top level).
+const SCHEMA: &Schema = &[
+    (
+        "",
+        &[
+            "services_dir",
+            "node",
+            "instance",
+            "runtime_dir",
+            "anti_entropy_interval",
+            "listen",
+            "deregister_on_shutdown",
+            "allow_remote_listen",
+            "consul",
+            "etcd",
+            "damping",
+        ],
+    ),
+    ("consul", &["address", "token_file", "ca_file", "cert_file", "key_file", "tls_server_name"]),
+    ("etcd", &["endpoints", "prefix", "username", "password_file", "ca_file", "cert_file", "key_file", "tls_server_name"]),
+    ("damping", super::damping::KEYS),
+];
 
 /// Read and validate the agent configuration file.
-pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigErrors> {
     let text = read_file(path)?;
     parse(path, &text)
 }
 
 /// [`load`], with `--instance` (when given) winning over the file's.
-pub fn load_as(path: &Path, instance: Option<&str>) -> Result<AgentConfig, ConfigError> {
+pub fn load_as(path: &Path, instance: Option<&str>) -> Result<AgentConfig, ConfigErrors> {
     let mut config = load(path)?;
     if let Some(i) = instance {
         config.set_instance(i)?;
@@ -244,162 +227,184 @@ pub fn load_as(path: &Path, instance: Option<&str>) -> Result<AgentConfig, Confi
     Ok(config)
 }
 
-pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
-    let raw: RawAgent = toml::from_str(text).map_err(|e| from_toml(path, text, &e))?;
-    let err = |span, msg: String, hint: &str| ConfigError::new(path, msg, hint).at(text, Some(span));
+/// Parse and validate agent-file text: every problem in it, or the config.
+pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigErrors> {
+    let doc = doc::parse(path, text)?;
+    let mut errors = Errors::new(path, text);
+    let errs = &mut errors;
+    let top = Section::top(&doc, SCHEMA, errs);
     let base = path.parent().unwrap_or(Path::new("."));
-    let services_dir = base.join(raw.services_dir.unwrap_or_else(|| PathBuf::from("/etc/tether/services.d")));
-    let node = match raw.node {
+    let services_dir = base.join(top.path("services_dir", errs).map_or_else(|| PathBuf::from("/etc/tether/services.d"), |d| d.value));
+    let node = match top.string("node", errs) {
         Some(n) => {
-            let s = n.get_ref().trim();
+            let s = n.value.trim();
             if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control() || c.is_whitespace() || c == '/') {
-                return Err(err(
-                    n.span(),
-                    format!("node {:?} is not a valid node name", n.get_ref()),
+                errs.at(
+                    n.span.clone(),
+                    format!("node {:?} is not a valid node name", n.value),
                     "use a host-name-like string, or leave it out for the host name",
-                ));
+                );
             }
             s.to_string()
         }
         None => gethostname::gethostname().to_string_lossy().into_owned(),
     };
-    let listen = match raw.listen {
+    let allow_remote_listen = top.boolean("allow_remote_listen", errs).is_some_and(|b| b.value);
+    let listen = match top.string("listen", errs) {
         None => Some(SocketAddr::from(([127, 0, 0, 1], 9469))),
-        Some(l) if l.get_ref().is_empty() => None,
-        Some(l) => {
-            let addr = l.get_ref().parse::<SocketAddr>().map_err(|_| {
-                err(
-                    l.span(),
-                    format!("listen {:?} is not an address:port", l.get_ref()),
+        Some(l) if l.value.is_empty() => None,
+        Some(l) => match l.value.parse::<SocketAddr>() {
+            Err(_) => {
+                errs.at(
+                    l.span,
+                    format!("listen {:?} is not an address:port", l.value),
                     "write it as \"127.0.0.1:9469\", or \"\" to turn the listener off",
-                )
-            })?;
-            if !addr.ip().is_loopback() && !raw.allow_remote_listen.unwrap_or(false) {
-                return Err(err(
-                    l.span(),
-                    format!("listen {addr} is not a loopback address; status and metrics would be open to the network"),
-                    "use 127.0.0.1, or set allow_remote_listen = true if you mean it",
-                ));
+                );
+                None
             }
-            Some(addr)
-        }
+            Ok(addr) => {
+                if !addr.ip().is_loopback() && !allow_remote_listen {
+                    errs.at(
+                        l.span,
+                        format!("listen {addr} is not a loopback address; status and metrics would be open to the network"),
+                        "use 127.0.0.1, or set allow_remote_listen = true if you mean it",
+                    );
+                }
+                Some(addr)
+            }
+        },
     };
-    let backend = match (raw.consul, raw.etcd) {
-        (Some(_), Some(e)) => {
-            return Err(err(e.span(), "both [consul] and [etcd] are set".into(), "keep exactly one registry section"));
+    let consul = top.table("consul", errs).map(|c| consul(c, path, base, errs));
+    let etcd_section = top.table("etcd", errs);
+    let etcd = etcd_section.map(|e| etcd(e, path, base, errs));
+    let backend = match (consul, etcd) {
+        (Some(c), Some(_)) => {
+            errs.at(etcd_section.and_then(|e| e.span()), "both [consul] and [etcd] are set", "keep exactly one registry section");
+            BackendConfig::Consul(c)
         }
         (None, None) => {
-            return Err(ConfigError::new(path, "no registry configured", "add a [consul] or an [etcd] section"));
+            // Unless the section is there but is not a table (reported already).
+            if !top.has("consul") && !top.has("etcd") {
+                errs.at(None, "no registry configured", "add a [consul] or an [etcd] section");
+            }
+            BackendConfig::Consul(ConsulConfig { address: String::new(), token_file: None, tls: TlsConfig::default() })
         }
-        (Some(c), None) => {
-            let c = c.into_inner();
-            let address = match c.address {
-                None => "http://127.0.0.1:8500".to_string(),
-                Some(a) => {
-                    let s = a.get_ref().trim_end_matches('/');
-                    match reqwest::Url::parse(s) {
-                        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => s.to_string(),
-                        _ => {
-                            return Err(err(
-                                a.span(),
-                                format!("consul address {:?} is not an http(s) URL", a.get_ref()),
-                                "write it as \"http://127.0.0.1:8500\"",
-                            ))
-                        }
-                    }
-                }
-            };
-            let raw_tls = RawTls { ca_file: c.ca_file, cert_file: c.cert_file, key_file: c.key_file, tls_server_name: c.tls_server_name };
-            let tls = TlsConfig::from_raw(path, raw_tls, base, "consul")?;
-            if tls.is_set() && !address.starts_with("https://") {
-                return Err(ConfigError::new(path, "[consul] has TLS files but its address is not https://", "use an https:// address"));
-            }
-            BackendConfig::Consul(ConsulConfig { address, token_file: c.token_file.map(|p| base.join(p)), tls })
-        }
-        (None, Some(e)) => {
-            let span = e.span();
-            let e = e.into_inner();
-            if e.endpoints.get_ref().is_empty() {
-                return Err(err(
-                    e.endpoints.span(),
-                    "etcd endpoints is empty".into(),
-                    "list at least one endpoint, e.g. [\"http://127.0.0.1:2379\"]",
-                ));
-            }
-            for ep in e.endpoints.get_ref() {
-                match reqwest::Url::parse(ep) {
-                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                    _ => {
-                        return Err(err(
-                            e.endpoints.span(),
-                            format!("etcd endpoint {ep:?} is not an http(s) URL"),
-                            "write endpoints as \"http://host:2379\"",
-                        ))
-                    }
-                }
-            }
-            let prefix = match e.prefix {
-                None => "services".to_string(),
-                Some(p) => {
-                    let s = p.get_ref();
-                    if s.is_empty() || s.starts_with('/') || s.ends_with('/') || s.contains("//") {
-                        return Err(err(
-                            p.span(),
-                            format!("etcd prefix {s:?} must be non-empty with no leading or trailing '/'"),
-                            "write it as \"services\" (gRPC's resolver trims one leading '/')",
-                        ));
-                    }
-                    s.clone()
-                }
-            };
-            if e.password_file.is_some() && e.username.is_none() {
-                return Err(err(span, "etcd password_file is set without username".into(), "set username too"));
-            }
-            let raw_tls = RawTls { ca_file: e.ca_file, cert_file: e.cert_file, key_file: e.key_file, tls_server_name: e.tls_server_name };
-            let tls = TlsConfig::from_raw(path, raw_tls, base, "etcd")?;
-            BackendConfig::Etcd(EtcdConfig {
-                tls,
-                endpoints: e.endpoints.into_inner(),
-                prefix,
-                username: e.username,
-                password_file: e.password_file.map(|p| base.join(p)),
-            })
-        }
+        (Some(c), None) => BackendConfig::Consul(c),
+        (None, Some(e)) => BackendConfig::Etcd(e),
     };
-    let instance = match raw.instance {
-        None => None,
-        Some(i) => {
-            check_instance(i.get_ref()).map_err(|(msg, hint)| err(i.span(), msg, hint))?;
-            Some(i.into_inner())
+    let instance = top.string("instance", errs).map(|i| {
+        if let Err((msg, hint)) = check_instance(&i.value) {
+            errs.at(i.span, msg, hint);
         }
-    };
-    let anti_entropy_every = match raw.anti_entropy_interval {
+        i.value
+    });
+    let anti_entropy_every = match top.duration("anti_entropy_interval", errs) {
         None => ANTI_ENTROPY_EVERY,
         Some(d) => {
-            let v = d.get_ref().0;
-            if v < std::time::Duration::from_secs(1) {
-                return Err(err(
-                    d.span(),
-                    format!("anti_entropy_interval {} is too short", humantime::format_duration(v)),
+            let every = d.value.0;
+            if every < std::time::Duration::from_secs(1) {
+                errs.at(
+                    d.span,
+                    format!("anti_entropy_interval {} is too short", humantime::format_duration(every)),
                     "use 1s or more (default 30s)",
-                ));
+                );
             }
-            v
+            every
         }
     };
-    let damping = raw.damping.unwrap_or_default().over(&super::damping::Damping::default(), path, text)?;
-    Ok(AgentConfig {
+    let damping = super::damping::read(top.table("damping", errs), &super::damping::Damping::default(), errs);
+    let runtime_dir = top.path("runtime_dir", errs).map(|d| base.join(d.value));
+    let deregister_on_shutdown = top.boolean("deregister_on_shutdown", errs).is_none_or(|b| b.value);
+    errors.finish(AgentConfig {
         path: path.to_path_buf(),
         services_dir,
         node,
         instance,
-        runtime_dir: raw.runtime_dir.map(|d| base.join(d)),
+        runtime_dir,
         anti_entropy_every,
         listen,
-        deregister_on_shutdown: raw.deregister_on_shutdown.unwrap_or(true),
+        deregister_on_shutdown,
         backend,
         damping,
     })
+}
+
+/// TLS settings of a registry section; a problem goes to `errs` (at the
+/// section) and leaves no TLS.
+fn section_tls(s: &Section, file: &Path, base: &Path, name: &str, errs: &mut Errors) -> TlsConfig {
+    let raw = RawTls {
+        ca_file: s.path("ca_file", errs).map(|f| f.value),
+        cert_file: s.path("cert_file", errs).map(|f| f.value),
+        key_file: s.path("key_file", errs).map(|f| f.value),
+        tls_server_name: s.string("tls_server_name", errs).map(|n| n.value),
+    };
+    TlsConfig::from_raw(file, raw, base, name).unwrap_or_else(|e| {
+        let text = errs.text();
+        errs.push(e.at(text, s.span()));
+        TlsConfig::default()
+    })
+}
+
+/// `[consul]`, validated.
+fn consul(c: Section, file: &Path, base: &Path, errs: &mut Errors) -> ConsulConfig {
+    let address = match c.string("address", errs) {
+        None => "http://127.0.0.1:8500".to_string(),
+        Some(a) => {
+            let s = a.value.trim_end_matches('/');
+            if !matches!(reqwest::Url::parse(s), Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+                errs.at(
+                    a.span.clone(),
+                    format!("consul address {:?} is not an http(s) URL", a.value),
+                    "write it as \"http://127.0.0.1:8500\"",
+                );
+            }
+            s.to_string()
+        }
+    };
+    let token_file = c.path("token_file", errs).map(|p| base.join(p.value));
+    let tls = section_tls(&c, file, base, "consul", errs);
+    if tls.is_set() && !address.starts_with("https://") {
+        errs.at(c.span(), "[consul] has TLS files but its address is not https://", "use an https:// address");
+    }
+    ConsulConfig { address, token_file, tls }
+}
+
+/// `[etcd]`, validated.
+fn etcd(e: Section, file: &Path, base: &Path, errs: &mut Errors) -> EtcdConfig {
+    e.require("endpoints", "list at least one endpoint, e.g. endpoints = [\"http://127.0.0.1:2379\"]", errs);
+    let mut endpoints = Vec::new();
+    if let Some(list) = e.strings("endpoints", errs) {
+        if list.value.is_empty() {
+            errs.at(list.span.clone(), "etcd endpoints is empty", "list at least one endpoint, e.g. [\"http://127.0.0.1:2379\"]");
+        }
+        for ep in list.value {
+            if !matches!(reqwest::Url::parse(&ep.value), Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+                errs.at(ep.span, format!("etcd endpoint {:?} is not an http(s) URL", ep.value), "write endpoints as \"http://host:2379\"");
+            }
+            endpoints.push(ep.value);
+        }
+    }
+    let prefix = match e.string("prefix", errs) {
+        None => "services".to_string(),
+        Some(p) => {
+            let s = &p.value;
+            if s.is_empty() || s.starts_with('/') || s.ends_with('/') || s.contains("//") {
+                errs.at(
+                    p.span.clone(),
+                    format!("etcd prefix {s:?} must be non-empty with no leading or trailing '/'"),
+                    "write it as \"services\" (gRPC's resolver trims one leading '/')",
+                );
+            }
+            p.value
+        }
+    };
+    let username = e.string("username", errs).map(|u| u.value);
+    let password_file = e.path("password_file", errs);
+    if let (Some(p), None) = (&password_file, &username) {
+        errs.at(p.span.clone(), "etcd password_file is set without username", "set username too");
+    }
+    let tls = section_tls(&e, file, base, "etcd", errs);
+    EtcdConfig { tls, endpoints, prefix, username, password_file: password_file.map(|p| base.join(p.value)) }
 }
 
 /// Read a secret (token, password) from a file; surrounding white space is dropped.
@@ -472,6 +477,67 @@ mod tests {
         let BackendConfig::Etcd(e) = c.backend else { panic!() };
         assert_eq!(e.prefix, "services");
         let err = parse(Path::new("t.toml"), "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/services\"\n").unwrap_err();
-        assert_eq!(err.place.map(|p| p.0), Some(3), "{err}");
+        assert_eq!(err[0].place.map(|p| p.0), Some(3), "{err}");
+    }
+
+    #[test]
+    fn every_mistake_is_reported_with_its_place() {
+        let text = "nodee = \"web-1\"\nlisten = \"nowhere\"\nanti_entropy_interval = \"500ms\"\n[etcd]\nendpoints = [\"ftp://x\"]\nprefix = \"/s\"\npasword_file = \"p\"\n";
+        let e = parse(Path::new("t.toml"), text).unwrap_err();
+        let lines: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            lines,
+            [
+                "t.toml:1:1: unknown field `nodee`; did you mean `node`?",
+                "t.toml:2:10: listen \"nowhere\" is not an address:port; write it as \"127.0.0.1:9469\", or \"\" to turn the listener off",
+                "t.toml:3:25: anti_entropy_interval 500ms is too short; use 1s or more (default 30s)",
+                "t.toml:5:14: etcd endpoint \"ftp://x\" is not an http(s) URL; write endpoints as \"http://host:2379\"",
+                "t.toml:6:10: etcd prefix \"/s\" must be non-empty with no leading or trailing '/'; write it as \"services\" (gRPC's resolver trims one leading '/')",
+                "t.toml:7:1: unknown field `pasword_file` in [etcd]; did you mean `password_file`?",
+            ],
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn keys_in_the_wrong_table_are_pointed_there() {
+        let e = parse(Path::new("t.toml"), "address = \"http://127.0.0.1:8500\"\n[consul]\nendpoints = [\"http://x:1\"]\nhold = \"1s\"\n")
+            .unwrap_err();
+        let hints: Vec<&str> = e.iter().map(|e| e.hint.as_str()).collect();
+        assert_eq!(
+            hints,
+            ["did you mean `address` in [consul]?", "did you mean `endpoints` in [etcd]?", "did you mean `hold` in [damping]?"],
+            "{e}"
+        );
+        let e = parse(Path::new("t.toml"), "ca_file = \"ca.pem\"\n[consul]\n").unwrap_err();
+        assert_eq!(e[0].hint, "did you mean `ca_file` in [consul] or `ca_file` in [etcd]?", "{e}");
+        let e = parse(Path::new("t.toml"), "[consul]\nadress = \"x\"\nbanana = 1\n").unwrap_err();
+        assert_eq!(e[0].hint, "did you mean `address`?", "{e}");
+        assert_eq!(e[1].hint, "remove it or fix its spelling (see the configuration reference in README.md)", "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_missing_keys() {
+        let e = parse(Path::new("t.toml"), "deregister_on_shutdown = \"no\"\nconsul = \"http://x\"\n").unwrap_err();
+        assert_eq!(e.len(), 2, "{e}");
+        assert!(
+            e[0].to_string().contains("t.toml:1:26: invalid type for deregister_on_shutdown: string \"no\", expected a boolean"),
+            "{e}"
+        );
+        assert!(e[1].to_string().contains("t.toml:2:10: invalid type for consul: string \"http://x\", expected a table"), "{e}");
+        let e = parse(Path::new("t.toml"), "[etcd]\nprefix = \"s\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.toml:1:1: missing field `endpoints` in [etcd]; list at least one endpoint, e.g. endpoints = [\"http://127.0.0.1:2379\"]"
+        );
+    }
+
+    #[test]
+    fn load_as_reports_a_bad_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.toml");
+        std::fs::write(&path, "[consul]\n").unwrap();
+        let e = load_as(&path, Some("a/b")).unwrap_err();
+        assert!(e.to_string().contains("--instance: instance \"a/b\" is not a valid name"), "{e}");
     }
 }

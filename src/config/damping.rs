@@ -1,12 +1,9 @@
 //! Flap damping settings: `[damping]` in `tether.toml` (every service's
 //! defaults) and in a service file (that service's own, over the agent's).
 
-use super::duration::GoDuration;
-use super::error::ConfigError;
-use serde::Deserialize;
-use std::path::Path;
+use super::error::doc::Section;
+use super::error::Errors;
 use std::time::Duration;
-use toml::Spanned;
 
 /// How a service's transitions are damped (see `reconcile/core/damping.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,80 +38,84 @@ impl Default for Damping {
     }
 }
 
-/// `[damping]` as written: every key optional, each over a base.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawDamping {
-    enabled: Option<bool>,
-    transitions: Option<Spanned<i64>>,
-    window: Option<Spanned<GoDuration>>,
-    hold: Option<Spanned<GoDuration>>,
-    hold_max: Option<Spanned<GoDuration>>,
-    writes_per_minute: Option<Spanned<i64>>,
-    write_burst: Option<Spanned<i64>>,
-}
+/// The keys of `[damping]`.
+pub(super) const KEYS: &[&str] = &["enabled", "transitions", "window", "hold", "hold_max", "writes_per_minute", "write_burst"];
 
 const MAX_PERIOD: Duration = Duration::from_secs(3600);
 
-impl RawDamping {
-    /// These settings over `base`, validated. Errors name `path:line:col` in `text`.
-    pub(super) fn over(self, base: &Damping, path: &Path, text: &str) -> Result<Damping, ConfigError> {
-        let err = |span: std::ops::Range<usize>, msg: String, hint: &str| ConfigError::new(path, msg, hint).at(text, Some(span));
-        let count = |v: &Option<Spanned<i64>>, key: &str, range: std::ops::RangeInclusive<i64>, default: u32, hint: &str| match v {
-            None => Ok(default),
-            Some(v) if range.contains(v.get_ref()) => Ok(*v.get_ref() as u32),
-            Some(v) => Err(err(v.span(), format!("damping {key} = {} is out of range", v.get_ref()), hint)),
-        };
-        let period = |v: &Option<Spanned<GoDuration>>, key: &str, default: Duration| match v {
-            None => Ok(default),
-            Some(v) if v.get_ref().0 <= MAX_PERIOD => Ok(v.get_ref().0),
-            Some(v) => Err(err(v.span(), format!("damping {key} is longer than 1h"), "use \"1h\" or less")),
-        };
-        let d = Damping {
-            enabled: self.enabled.unwrap_or(base.enabled),
-            transitions: count(
-                &self.transitions,
-                "transitions",
-                3..=10_000,
-                base.transitions,
-                "use a count from 3 to 10000 (an ordinary restart is 2 transitions and must not count as flapping)",
-            )?,
-            window: period(&self.window, "window", base.window)?,
-            hold: period(&self.hold, "hold", base.hold)?,
-            hold_max: period(&self.hold_max, "hold_max", base.hold_max)?,
-            writes_per_minute: count(
-                &self.writes_per_minute,
-                "writes_per_minute",
-                0..=60_000,
-                base.writes_per_minute,
-                "use 0 (no cap) to 60000",
-            )?,
-            write_burst: count(&self.write_burst, "write_burst", 1..=10_000, base.write_burst, "use a count from 1 to 10000")?,
-        };
-        if d.hold > d.hold_max {
-            let span = self.hold_max.as_ref().or(self.hold.as_ref()).map(Spanned::span).unwrap_or(0..0);
-            return Err(err(
-                span,
-                format!("damping hold ({}) is longer than hold_max ({})", super::duration::go(d.hold), super::duration::go(d.hold_max)),
-                "make hold_max at least hold",
-            ));
+/// `[damping]` as written (`None`: not written) over `base`, validated; every
+/// problem goes to `errs` and leaves that setting as `base` has it.
+pub(super) fn read(section: Option<Section>, base: &Damping, errs: &mut Errors) -> Damping {
+    let Some(s) = section else { return *base };
+    let count = |key: &str, range: std::ops::RangeInclusive<i64>, default: u32, hint: &str, errs: &mut Errors| match s.integer(key, errs) {
+        None => default,
+        Some(v) if range.contains(&v.value) => v.value as u32,
+        Some(v) => {
+            errs.at(v.span, format!("damping {key} = {} is out of range", v.value), hint);
+            default
         }
-        Ok(d)
+    };
+    let transitions = count(
+        "transitions",
+        3..=10_000,
+        base.transitions,
+        "use a count from 3 to 10000 (an ordinary restart is 2 transitions and must not count as flapping)",
+        errs,
+    );
+    let writes_per_minute = count("writes_per_minute", 0..=60_000, base.writes_per_minute, "use 0 (no cap) to 60000", errs);
+    let write_burst = count("write_burst", 1..=10_000, base.write_burst, "use a count from 1 to 10000", errs);
+    let mut spans = Vec::new();
+    let mut period = |key: &str, default: Duration, errs: &mut Errors| match s.duration(key, errs) {
+        None => default,
+        Some(v) if v.value.0 <= MAX_PERIOD => {
+            spans.push((key.to_string(), v.span));
+            v.value.0
+        }
+        Some(v) => {
+            errs.at(v.span, format!("damping {key} is longer than 1h"), "use \"1h\" or less");
+            default
+        }
+    };
+    let window = period("window", base.window, errs);
+    let hold = period("hold", base.hold, errs);
+    let hold_max = period("hold_max", base.hold_max, errs);
+    let d = Damping {
+        enabled: s.boolean("enabled", errs).map_or(base.enabled, |b| b.value),
+        transitions,
+        window,
+        hold,
+        hold_max,
+        writes_per_minute,
+        write_burst,
+    };
+    if d.hold > d.hold_max {
+        let span_of = |key: &str| spans.iter().find(|(k, _)| k == key).and_then(|(_, span)| span.clone());
+        errs.at(
+            span_of("hold_max").or_else(|| span_of("hold")).or_else(|| s.span()),
+            format!("damping hold ({}) is longer than hold_max ({})", super::duration::go(d.hold), super::duration::go(d.hold_max)),
+            "make hold_max at least hold",
+        );
     }
+    d
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::error::doc;
+    use crate::config::error::suggest::Schema;
+    use crate::config::error::ConfigErrors;
+    use std::path::Path;
 
-    #[derive(Deserialize)]
-    struct File {
-        damping: RawDamping,
-    }
+    const SCHEMA: &Schema = &[("", &["damping"]), ("damping", KEYS)];
 
-    fn over(base: &Damping, text: &str) -> Result<Damping, ConfigError> {
-        let f: File = toml::from_str(text).expect("toml");
-        f.damping.over(base, Path::new("/etc/tether/s.toml"), text)
+    fn over(base: &Damping, text: &str) -> Result<Damping, ConfigErrors> {
+        let path = Path::new("/etc/tether/s.toml");
+        let top = doc::parse(path, text).expect("toml");
+        let mut errs = Errors::new(path, text);
+        let s = Section::top(&top, SCHEMA, &mut errs);
+        let d = read(s.table("damping", &mut errs), base, &mut errs);
+        errs.finish(d)
     }
 
     #[test]
@@ -124,6 +125,7 @@ mod tests {
         assert_eq!(d, Damping { transitions: 5, window: Duration::from_secs(10), ..base });
         let off = over(&base, "[damping]\nenabled = false\n").expect("valid");
         assert!(!off.enabled);
+        assert_eq!(over(&base, "").expect("valid"), base);
     }
 
     #[test]
@@ -134,5 +136,14 @@ mod tests {
         assert!(e.contains("s.toml:3:12") && e.contains("hold_max"), "{e}");
         let e = over(&Damping::default(), "[damping]\nwindow = \"2h\"\n").expect_err("too long").to_string();
         assert!(e.contains("s.toml:2:10"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = "[damping]\ntransitions = 2\nwindow = \"2h\"\nhold = 5\nwrite_brust = 3\nenabled = \"yes\"\n";
+        let e = over(&Damping::default(), text).expect_err("five problems");
+        let places: Vec<_> = e.iter().map(|e| e.place).collect();
+        assert_eq!(places, [Some((2, 15)), Some((3, 10)), Some((4, 8)), Some((5, 1)), Some((6, 11))], "{e}");
+        assert!(e[3].to_string().contains("unknown field `write_brust` in [damping]; did you mean `write_burst`?"), "{e}");
     }
 }

@@ -1,6 +1,12 @@
-//! One error type for every configuration problem: file, place, what is wrong, what to do.
+//! One error type for every configuration problem: file, place, what is wrong,
+//! what to do; and [`ConfigErrors`], every problem of a file, collected by
+//! [`Errors`] while [`doc`] reads it.
+
+pub mod doc;
+pub mod suggest;
 
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// A problem in a configuration file, rendered as
@@ -54,20 +60,112 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Turn a `toml` parse/deserialize error into a [`ConfigError`] with its place.
+/// Every problem found in a file (never none), in the order of their places
+/// in it; shown one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(Vec<ConfigError>);
+
+impl std::ops::Deref for ConfigErrors {
+    type Target = [ConfigError];
+
+    fn deref(&self) -> &[ConfigError] {
+        &self.0
+    }
+}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+impl IntoIterator for ConfigErrors {
+    type Item = ConfigError;
+    type IntoIter = std::vec::IntoIter<ConfigError>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a ConfigErrors {
+    type Item = &'a ConfigError;
+    type IntoIter = std::slice::Iter<'a, ConfigError>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects the problems of one file while it is read: a check that fails
+/// pushes its error and reading goes on (with a placeholder value), so one
+/// pass finds them all.
+#[derive(Debug)]
+pub struct Errors<'a> {
+    file: &'a Path,
+    text: &'a str,
+    list: Vec<ConfigError>,
+}
+
+impl<'a> Errors<'a> {
+    /// For the file at `file` whose contents are `text`.
+    pub fn new(file: &'a Path, text: &'a str) -> Self {
+        Errors { file, text, list: Vec::new() }
+    }
+
+    /// The file's contents.
+    pub fn text(&self) -> &'a str {
+        self.text
+    }
+
+    /// A problem at a byte span of the text (`None`: the whole file).
+    pub fn at(&mut self, span: Option<Range<usize>>, message: impl Into<String>, hint: impl Into<String>) {
+        self.list.push(ConfigError::new(self.file, message, hint).at(self.text, span));
+    }
+
+    /// A problem made elsewhere (for this file).
+    pub fn push(&mut self, e: ConfigError) {
+        self.list.push(e);
+    }
+
+    /// `value` if nothing was wrong, else every problem, in the order of
+    /// their places in the file (those without a place last), each once.
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.list.is_empty() {
+            return Ok(value);
+        }
+        let mut list = self.list;
+        list.sort_by_key(|e| (e.place.is_none(), e.place));
+        let mut seen = Vec::with_capacity(list.len());
+        list.retain(|e| {
+            let new = !seen.contains(e);
+            if new {
+                seen.push(e.clone());
+            }
+            new
+        });
+        Err(ConfigErrors(list))
+    }
+}
+
+/// Turn a `toml` syntax error into a [`ConfigError`] with its place (on one line).
 pub fn from_toml(file: &Path, text: &str, err: &toml::de::Error) -> ConfigError {
-    let message = err.message().trim().to_string();
-    let hint = if message.contains("duration") {
-        "write a positive Go-style duration such as \"500ms\", \"15s\" or \"1m\""
-    } else if message.starts_with("unknown field") {
-        "remove it or fix its spelling (see the configuration reference in README.md)"
-    } else if message.starts_with("missing field") {
-        "add it"
-    } else if message.starts_with("invalid type") || message.starts_with("invalid value") {
-        "give a value of the expected type"
-    } else {
-        "fix the TOML syntax"
-    };
+    let message = err.message().trim().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    let hint = if message.starts_with("duplicate key") { "keep only one of them" } else { "fix the TOML syntax" };
     ConfigError::new(file, message, hint).at(text, err.span())
 }
 
@@ -81,6 +179,20 @@ mod tests {
         assert_eq!(line_col(text, 0), (1, 1));
         assert_eq!(line_col(text, 6), (2, 1));
         assert_eq!(line_col(text, 8), (2, 3));
+    }
+
+    #[test]
+    fn errors_come_in_file_order_each_once_one_per_line() {
+        let text = "a = 1\nb = 2\n";
+        let mut errs = Errors::new(Path::new("f.toml"), text);
+        errs.at(Some(6..7), "second", "");
+        errs.at(None, "no place", "");
+        errs.at(Some(0..1), "first", "fix it");
+        errs.at(Some(6..7), "second", "");
+        let e = errs.finish(()).unwrap_err();
+        assert_eq!(e.len(), 3);
+        assert_eq!(e.to_string(), "f.toml:1:1: first; fix it\nf.toml:2:1: second\nf.toml: no place");
+        assert_eq!(Errors::new(Path::new("f.toml"), text).finish(7), Ok(7));
     }
 
     #[test]

@@ -3,10 +3,10 @@
 //! Every scan reads the whole directory and is compared by content, so it does
 //! not matter which file-system event (or none: a ConfigMap `..data` swap, a
 //! periodic resync, SIGHUP) caused it. A file that stops parsing keeps its last
-//! good version; its error is reported until it is fixed.
+//! good version; its errors (all of them) are reported until it is fixed.
 
 use super::agent::Defaults;
-use super::error::ConfigError;
+use super::error::{ConfigError, ConfigErrors};
 use super::service::{self, ServiceSpec};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub struct Scan {
     /// Desired services by id.
     pub services: BTreeMap<String, ServiceSpec>,
-    /// Every problem found, one per file.
+    /// Every problem found, each on its own (a file may have several), by file.
     pub errors: Vec<ConfigError>,
 }
 
@@ -45,12 +45,12 @@ pub fn scan_files(files: &[PathBuf], defaults: &Defaults) -> Scan {
 
 /// Resolves a list of per-file results into a [`Scan`]; `keep` holds last good
 /// versions to fall back to for files that failed.
-fn resolve(parsed: Vec<(PathBuf, Result<ServiceSpec, ConfigError>)>, keep: &HashMap<PathBuf, ServiceSpec>) -> Scan {
+fn resolve(parsed: Vec<(PathBuf, Result<ServiceSpec, ConfigErrors>)>, keep: &HashMap<PathBuf, ServiceSpec>) -> Scan {
     let mut scan = Scan::default();
     let mut owner: BTreeMap<String, PathBuf> = BTreeMap::new();
     // Files whose last good version is still running claim their id first, so
     // a new file cannot steal an id from a running service.
-    let mut order: Vec<&(PathBuf, Result<ServiceSpec, ConfigError>)> = parsed.iter().collect();
+    let mut order: Vec<&(PathBuf, Result<ServiceSpec, ConfigErrors>)> = parsed.iter().collect();
     order.sort_by_key(|(path, r)| {
         let incumbent = matches!(r, Ok(s) if keep.get(path).is_some_and(|k| k.id == s.id));
         (!incumbent, path.clone())
@@ -59,7 +59,7 @@ fn resolve(parsed: Vec<(PathBuf, Result<ServiceSpec, ConfigError>)>, keep: &Hash
         let spec = match result {
             Ok(spec) => spec.clone(),
             Err(e) => {
-                scan.errors.push(e.clone());
+                scan.errors.extend(e.iter().cloned());
                 match keep.get(path) {
                     Some(good) => good.clone(),
                     None => continue,
@@ -149,6 +149,22 @@ mod tests {
         std::fs::remove_file(&a).unwrap();
         let s = loader.scan();
         assert_eq!(s.services["a-n-1"].file, dir.path().join("0.toml"));
+    }
+
+    #[test]
+    fn every_error_of_a_file_is_reported_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.toml");
+        std::fs::write(&a, "name = \"a\"\nport = 1\n").unwrap();
+        let mut loader = Loader::new(dir.path().to_path_buf(), defaults());
+        assert!(loader.scan().errors.is_empty());
+        std::fs::write(&a, "name = \"a\"\nport = 1\nprot = 2\n[check]\nintervall = \"1s\"\n").unwrap();
+        let s = loader.scan();
+        assert_eq!(s.services.keys().collect::<Vec<_>>(), ["a-n-1"], "last good kept");
+        let errors: Vec<String> = s.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with(&format!("{}:3:1: unknown field `prot`", a.display())), "{errors:?}");
+        assert!(errors[1].starts_with(&format!("{}:5:1: unknown field `intervall` in [check]", a.display())), "{errors:?}");
     }
 
     #[test]

@@ -1,16 +1,15 @@
 //! One service file (`services_dir/*.toml`) → a validated [`ServiceSpec`].
 
 use super::agent::{BackendKind, Defaults};
-use super::damping::{Damping, RawDamping};
-use super::duration::GoDuration;
-use super::error::{from_toml, ConfigError};
+use super::damping::Damping;
+use super::error::doc::{self, At, Section};
+use super::error::suggest::Schema;
+use super::error::{ConfigErrors, Errors};
 use super::file::read_file;
 use super::tls::{RawTls, TlsConfig};
-use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use toml::Spanned;
 
 const DEFAULT_TTL: Duration = Duration::from_secs(15);
 const DEFAULT_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
@@ -54,6 +53,25 @@ pub struct CheckSpec {
     pub metadata: BTreeMap<String, MetadataSource>,
     /// `:authority` of the calls, instead of the target.
     pub authority: Option<String>,
+    /// What an answered NOT_SERVING makes the service (a crash or an
+    /// unreachable server is always critical).
+    pub not_serving: NotServing,
+}
+
+/// `[check] not_serving`: the registry status of an answered NOT_SERVING.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NotServing {
+    #[default]
+    Critical,
+    /// Out of the passing set, but never reaped by DeregisterCriticalServiceAfter.
+    Warning,
+}
+
+/// Consul's `Weights` (and etcd's `weight` in Metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Weights {
+    pub passing: u32,
+    pub warning: u32,
 }
 
 /// Where a metadata value comes from.
@@ -79,251 +97,211 @@ pub struct ServiceSpec {
     pub ttl: Duration,
     pub deregister_critical_after: Duration,
     pub check: CheckSpec,
+    /// `weight` and `weight_warning`, if `weight` is set.
+    pub weights: Option<Weights>,
     /// Flap damping: the agent's `[damping]` with this file's own over it.
     pub damping: Damping,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    name: Spanned<String>,
-    id: Option<Spanned<String>>,
-    address: Option<Spanned<String>>,
-    port: Spanned<i64>,
-    #[serde(default)]
-    tags: Vec<Spanned<String>>,
-    #[serde(default)]
-    meta: BTreeMap<Spanned<String>, Spanned<String>>,
-    ttl: Option<Spanned<GoDuration>>,
-    deregister_critical_after: Option<Spanned<GoDuration>>,
-    #[serde(default)]
-    check: RawCheck,
-    damping: Option<RawDamping>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawCheck {
-    target: Option<Spanned<String>>,
-    service: Option<String>,
-    mode: Option<Spanned<String>>,
-    interval: Option<GoDuration>,
-    timeout: Option<GoDuration>,
-    rise: Option<Spanned<i64>>,
-    fall: Option<Spanned<i64>>,
-    tls: Option<bool>,
-    ca_file: Option<Spanned<PathBuf>>,
-    server_name: Option<Spanned<String>>,
-    cert_file: Option<Spanned<PathBuf>>,
-    key_file: Option<Spanned<PathBuf>>,
-    #[serde(default)]
-    metadata: BTreeMap<Spanned<String>, Spanned<String>>,
-    #[serde(default)]
-    metadata_files: BTreeMap<Spanned<String>, Spanned<PathBuf>>,
-    authority: Option<Spanned<String>>,
-}
+/// The keys of a service file, by table (`""`: the top level). `meta`,
+/// `[check.metadata]` and `[check.metadata_files]` take any keys.
+const SCHEMA: &Schema = &[
+    (
+        "",
+        &[
+            "name",
+            "id",
+            "address",
+            "port",
+            "tags",
+            "meta",
+            "ttl",
+            "deregister_critical_after",
+            "weight",
+            "weight_warning",
+            "check",
+            "damping",
+        ],
+    ),
+    (
+        "check",
+        &[
+            "target",
+            "service",
+            "mode",
+            "interval",
+            "timeout",
+            "rise",
+            "fall",
+            "tls",
+            "ca_file",
+            "server_name",
+            "cert_file",
+            "key_file",
+            "metadata",
+            "metadata_files",
+            "authority",
+            "not_serving",
+        ],
+    ),
+    ("damping", super::damping::KEYS),
+];
 
 /// Meta keys tether writes itself; a service file may not set them.
 pub const RESERVED_META: [&str; 3] = ["managed-by", "tether-node", "tether-instance"];
 
 /// Read and validate one service file.
-pub fn load(path: &Path, defaults: &Defaults) -> Result<ServiceSpec, ConfigError> {
+pub fn load(path: &Path, defaults: &Defaults) -> Result<ServiceSpec, ConfigErrors> {
     let text = read_file(path)?;
     parse(path, &text, defaults)
 }
 
-/// Parse and validate service-file text.
-pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec, ConfigError> {
-    let raw: RawService = toml::from_str(text).map_err(|e| from_toml(path, text, &e))?;
-    let err = |span: std::ops::Range<usize>, msg: String, hint: &str| ConfigError::new(path, msg, hint).at(text, Some(span));
+/// Parse and validate service-file text: every problem in it, or the spec.
+pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec, ConfigErrors> {
+    let doc = doc::parse(path, text)?;
+    let mut errors = Errors::new(path, text);
+    let errs = &mut errors;
+    let top = Section::top(&doc, SCHEMA, errs);
 
-    let name = raw.name.get_ref().trim().to_string();
-    if let Err(why) = check_name(&name) {
-        return Err(err(raw.name.span(), format!("name {:?} {why}", raw.name.get_ref()), NAME_HINT));
-    }
-    let port = *raw.port.get_ref();
-    if !(1..=65535).contains(&port) {
-        return Err(err(raw.port.span(), format!("port {port} is out of range"), "use a port from 1 to 65535"));
-    }
-    let port = port as u16;
-    let id = match &raw.id {
-        Some(id) => {
-            if let Err(why) = check_name(id.get_ref()) {
-                return Err(err(id.span(), format!("id {:?} {why}", id.get_ref()), NAME_HINT));
+    top.require("name", "add it, e.g. name = \"orders\"", errs);
+    let name = match top.string("name", errs) {
+        Some(n) => {
+            let name = n.value.trim().to_string();
+            if let Err(why) = check_name(&name) {
+                errs.at(n.span, format!("name {:?} {why}", n.value), NAME_HINT);
             }
-            id.get_ref().clone()
+            name
+        }
+        None => String::new(),
+    };
+    top.require("port", "add it: the port the service listens on, e.g. port = 50051", errs);
+    let port = match top.integer("port", errs) {
+        Some(p) if (1..=65535).contains(&p.value) => p.value as u16,
+        Some(p) => {
+            errs.at(p.span, format!("port {} is out of range", p.value), "use a port from 1 to 65535");
+            0
+        }
+        None => 0,
+    };
+    let id = match top.string("id", errs) {
+        Some(id) => {
+            if let Err(why) = check_name(&id.value) {
+                errs.at(id.span, format!("id {:?} {why}", id.value), NAME_HINT);
+            }
+            id.value
         }
         None => format!("{name}-{}-{port}", sanitize(&defaults.node)),
     };
-    let address = match &raw.address {
+    let address = match top.string("address", errs) {
         Some(a) => {
-            let a_str = a.get_ref().trim();
+            let a_str = a.value.trim();
             if a_str.is_empty() || a_str.contains(char::is_whitespace) || a_str.contains('/') {
-                return Err(err(
-                    a.span(),
-                    format!("address {:?} is not a host name or IP", a.get_ref()),
+                errs.at(
+                    a.span.clone(),
+                    format!("address {:?} is not a host name or IP", a.value),
                     "give an IP such as \"10.0.0.5\" or a host name, or leave it out to advertise this host's primary IP",
-                ));
+                );
             }
             a_str.to_string()
         }
         None => defaults.address.clone(),
     };
     let mut tags = Vec::new();
-    for tag in &raw.tags {
-        let t = tag.get_ref();
+    for tag in top.strings("tags", errs).map(|t| t.value).unwrap_or_default() {
+        let t = tag.value;
         if t.is_empty() || t.len() > 255 || t.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(err(
-                tag.span(),
+            errs.at(
+                tag.span,
                 format!("tag {t:?} is empty, too long or has spaces or control characters"),
                 "use short tags of printable characters without spaces",
-            ));
+            );
+        } else if !tags.contains(&t) {
+            tags.push(t);
         }
-        if !tags.contains(t) {
-            tags.push(t.clone());
-        }
+    }
+    let raw_meta = top.string_map("meta", errs);
+    if let Some((k, _)) = raw_meta.get(62) {
+        errs.at(k.span.clone(), format!("{} meta keys, more than the 62 a service may have", raw_meta.len()), "drop some meta keys");
     }
     let mut meta = BTreeMap::new();
-    if let Some(k) = raw.meta.keys().nth(62) {
-        return Err(err(k.span(), format!("{} meta keys, more than the 62 a service may have", raw.meta.len()), "drop some meta keys"));
-    }
-    for (k, v) in &raw.meta {
-        let key = k.get_ref();
+    for (k, v) in raw_meta {
+        let key = k.value;
         if RESERVED_META.contains(&key.as_str()) || key.starts_with("consul-") {
-            return Err(err(
-                k.span(),
+            errs.at(
+                k.span,
                 format!("meta key {key:?} is reserved"),
                 "tether sets managed-by and tether-node itself, and Consul reserves consul-*; use another key",
-            ));
+            );
+        } else if key.is_empty() || key.len() > 128 || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            errs.at(k.span, format!("meta key {key:?} is not valid"), "use 1-128 ASCII letters, digits, '_' or '-'");
+        } else if v.value.len() > 512 {
+            errs.at(v.span, format!("meta value for {key:?} is longer than 512 bytes"), "shorten it");
+        } else {
+            meta.insert(key, v.value);
         }
-        if key.is_empty() || key.len() > 128 || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(err(k.span(), format!("meta key {key:?} is not valid"), "use 1-128 ASCII letters, digits, '_' or '-'"));
-        }
-        if v.get_ref().len() > 512 {
-            return Err(err(v.span(), format!("meta value for {key:?} is longer than 512 bytes"), "shorten it"));
-        }
-        meta.insert(key.clone(), v.get_ref().clone());
     }
 
-    let ttl = raw.ttl.as_ref().map_or(DEFAULT_TTL, |d| d.get_ref().0);
     let ttl_min = match defaults.backend {
         BackendKind::Etcd => ETCD_MIN_TTL,
         BackendKind::Consul => MIN_TTL,
     };
-    if ttl < ttl_min {
-        let span = raw.ttl.as_ref().map(|d| d.span()).unwrap_or(0..0);
-        return Err(err(
-            span,
-            format!(
-                "ttl {} is below the {} minimum of {}",
-                super::duration::go(ttl),
-                defaults.backend.as_str(),
-                super::duration::go(ttl_min)
-            ),
-            "raise ttl",
-        ));
-    }
-    let deregister_critical_after = raw.deregister_critical_after.as_ref().map_or(DEFAULT_DEREGISTER_AFTER, |d| d.get_ref().0);
-    if defaults.backend == BackendKind::Consul && deregister_critical_after < CONSUL_MIN_DEREGISTER_AFTER {
-        let span = raw.deregister_critical_after.as_ref().map(|d| d.span()).unwrap_or(0..0);
-        return Err(err(
-            span,
-            format!("deregister_critical_after {} is below Consul's minimum of 1m", super::duration::go(deregister_critical_after)),
-            "use \"1m\" or more",
-        ));
-    }
-
-    let damping = raw.damping.unwrap_or_default().over(&defaults.damping, path, text)?;
-    let c = raw.check;
-    let target = match &c.target {
-        Some(t) => {
-            let s = t.get_ref().trim();
-            if !valid_target(s) {
-                return Err(err(
-                    t.span(),
-                    format!("check target {:?} is not host:port", t.get_ref()),
-                    "write it as \"127.0.0.1:50051\" or \"localhost:50051\"",
-                ));
+    let ttl = match top.duration("ttl", errs) {
+        None => DEFAULT_TTL,
+        Some(d) => {
+            let ttl = d.value.0;
+            if ttl < ttl_min {
+                errs.at(
+                    d.span,
+                    format!(
+                        "ttl {} is below the {} minimum of {}",
+                        super::duration::go(ttl),
+                        defaults.backend.as_str(),
+                        super::duration::go(ttl_min)
+                    ),
+                    "raise ttl",
+                );
             }
-            s.to_string()
-        }
-        None => format!("127.0.0.1:{port}"),
-    };
-    let mode = match &c.mode {
-        None => CheckMode::Watch,
-        Some(m) => match m.get_ref().as_str() {
-            "watch" => CheckMode::Watch,
-            "poll" => CheckMode::Poll,
-            other => return Err(err(m.span(), format!("check mode {other:?} is not known"), "use \"watch\" or \"poll\"")),
-        },
-    };
-    let interval = c.interval.map_or(Duration::from_secs(5), |d| d.0);
-    let timeout = c.timeout.map_or(Duration::from_secs(2), |d| d.0);
-    let threshold = |v: &Option<Spanned<i64>>, what: &str| -> Result<u32, ConfigError> {
-        match v {
-            None => Ok(1),
-            Some(v) if (1..=100).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
-            Some(v) => Err(err(v.span(), format!("check {what} = {} is out of range", v.get_ref()), "use a count from 1 to 100")),
+            ttl
         }
     };
-    let rise = threshold(&c.rise, "rise")?;
-    let fall = threshold(&c.fall, "fall")?;
-    // The first TLS key, to point at when `tls = true` is missing.
-    let tls_key = [c.ca_file.as_ref().map(Spanned::span), c.cert_file.as_ref().map(Spanned::span), c.key_file.as_ref().map(Spanned::span)]
-        .into_iter()
-        .chain([c.server_name.as_ref().map(Spanned::span)])
-        .flatten()
-        .min_by_key(|r| r.start);
-    let mut metadata = BTreeMap::new();
-    for (k, v) in &c.metadata {
-        let key = metadata_key(k.get_ref()).map_err(|(msg, hint)| err(k.span(), msg, hint))?;
-        if !v.get_ref().bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            return Err(err(
-                v.span(),
-                format!("metadata value for {key:?} has characters other than printable ASCII"),
-                "gRPC metadata values are printable ASCII",
-            ));
-        }
-        metadata.insert(key, MetadataSource::Value(v.get_ref().clone()));
-    }
-    for (k, v) in &c.metadata_files {
-        let key = metadata_key(k.get_ref()).map_err(|(msg, hint)| err(k.span(), msg, hint))?;
-        if metadata.contains_key(&key) {
-            return Err(err(k.span(), format!("metadata {key:?} is set in both [check.metadata] and [check.metadata_files]"), "keep one"));
-        }
-        metadata.insert(key, MetadataSource::File(secret_path(v.get_ref(), path)));
-    }
-    let authority = match &c.authority {
-        None => None,
-        Some(a) => {
-            let s = a.get_ref().trim();
-            if s.is_empty() || s.contains(|c: char| c.is_whitespace() || c.is_control() || matches!(c, '/' | '?' | '#' | '@')) {
-                return Err(err(
-                    a.span(),
-                    format!("authority {:?} is not host or host:port", a.get_ref()),
-                    "write it as \"orders.internal\" or \"orders.internal:443\"",
-                ));
+    let deregister_critical_after = match top.duration("deregister_critical_after", errs) {
+        None => DEFAULT_DEREGISTER_AFTER,
+        Some(d) => {
+            let after = d.value.0;
+            if defaults.backend == BackendKind::Consul && after < CONSUL_MIN_DEREGISTER_AFTER {
+                errs.at(
+                    d.span,
+                    format!("deregister_critical_after {} is below Consul's minimum of 1m", super::duration::go(after)),
+                    "use \"1m\" or more",
+                );
             }
-            Some(s.to_string())
+            after
         }
-    };
-    let tls = match c.tls {
-        Some(true) => {
-            let raw = RawTls {
-                ca_file: c.ca_file.map(Spanned::into_inner),
-                cert_file: c.cert_file.map(Spanned::into_inner),
-                key_file: c.key_file.map(Spanned::into_inner),
-                tls_server_name: c.server_name.map(Spanned::into_inner),
-            };
-            Some(TlsConfig::from_raw(path, raw, path.parent().unwrap_or(Path::new(".")), "check")?)
-        }
-        _ if tls_key.is_some() => {
-            return Err(err(tls_key.expect("some"), "[check] has TLS files but tls is not true".into(), "add `tls = true` to [check]"));
-        }
-        _ => None,
     };
 
-    Ok(ServiceSpec {
+    let weight = |key: &str, min: i64, errs: &mut Errors| {
+        top.integer(key, errs).map(|w| {
+            if !(min..=65535).contains(&w.value) {
+                errs.at(w.span.clone(), format!("{key} = {} is out of range", w.value), format!("use a weight from {min} to 65535"));
+            }
+            At { value: w.value.clamp(0, 65535) as u32, span: w.span }
+        })
+    };
+    let passing = weight("weight", 1, errs);
+    let warning = weight("weight_warning", 1, errs);
+    let weights = match (passing, warning) {
+        (Some(p), w) => Some(Weights { passing: p.value, warning: w.map_or(1, |w| w.value) }),
+        (None, Some(w)) => {
+            errs.at(w.span, "weight_warning is set without weight", "set weight too (the weight while passing)");
+            None
+        }
+        (None, None) => None,
+    };
+
+    let damping = super::damping::read(top.table("damping", errs), &defaults.damping, errs);
+    let check = check(top.table("check", errs).unwrap_or(Section::empty("check", SCHEMA)), port, path, errs);
+
+    errors.finish(ServiceSpec {
         file: path.to_path_buf(),
         id,
         name,
@@ -333,9 +311,146 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         meta,
         ttl,
         deregister_critical_after,
-        check: CheckSpec { target, service: c.service.unwrap_or_default(), mode, interval, timeout, rise, fall, tls, metadata, authority },
+        check,
+        weights,
         damping,
     })
+}
+
+/// `[check]`, validated (every key optional).
+fn check(c: Section, port: u16, path: &Path, errs: &mut Errors) -> CheckSpec {
+    let target = match c.string("target", errs) {
+        Some(t) => {
+            let s = t.value.trim();
+            if !valid_target(s) {
+                errs.at(
+                    t.span.clone(),
+                    format!("check target {:?} is not host:port", t.value),
+                    "write it as \"127.0.0.1:50051\" or \"localhost:50051\"",
+                );
+            }
+            s.to_string()
+        }
+        None => format!("127.0.0.1:{port}"),
+    };
+    let mode = match c.string("mode", errs) {
+        None => CheckMode::Watch,
+        Some(m) => match m.value.as_str() {
+            "watch" => CheckMode::Watch,
+            "poll" => CheckMode::Poll,
+            other => {
+                errs.at(m.span.clone(), format!("check mode {other:?} is not known"), "use \"watch\" or \"poll\"");
+                CheckMode::Watch
+            }
+        },
+    };
+    let interval = c.duration("interval", errs).map_or(Duration::from_secs(5), |d| d.value.0);
+    let timeout = c.duration("timeout", errs).map_or(Duration::from_secs(2), |d| d.value.0);
+    let mut threshold = |what: &str| match c.integer(what, errs) {
+        None => 1,
+        Some(v) if (1..=100).contains(&v.value) => v.value as u32,
+        Some(v) => {
+            errs.at(v.span, format!("check {what} = {} is out of range", v.value), "use a count from 1 to 100");
+            1
+        }
+    };
+    let rise = threshold("rise");
+    let fall = threshold("fall");
+    let service = c.string("service", errs).map(|s| s.value).unwrap_or_default();
+
+    let mut metadata = BTreeMap::new();
+    for (k, v) in c.string_map("metadata", errs) {
+        let key = match metadata_key(&k.value) {
+            Ok(key) => key,
+            Err((msg, hint)) => {
+                errs.at(k.span, msg, hint);
+                continue;
+            }
+        };
+        if !v.value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            errs.at(
+                v.span,
+                format!("metadata value for {key:?} has characters other than printable ASCII"),
+                "gRPC metadata values are printable ASCII",
+            );
+            continue;
+        }
+        metadata.insert(key, MetadataSource::Value(v.value));
+    }
+    for (k, v) in c.string_map("metadata_files", errs) {
+        let key = match metadata_key(&k.value) {
+            Ok(key) => key,
+            Err((msg, hint)) => {
+                errs.at(k.span, msg, hint);
+                continue;
+            }
+        };
+        if metadata.contains_key(&key) {
+            errs.at(k.span, format!("metadata {key:?} is set in both [check.metadata] and [check.metadata_files]"), "keep one");
+            continue;
+        }
+        metadata.insert(key, MetadataSource::File(secret_path(Path::new(&v.value), path)));
+    }
+    let authority = c.string("authority", errs).map(|a| {
+        let s = a.value.trim();
+        if s.is_empty() || s.contains(|c: char| c.is_whitespace() || c.is_control() || matches!(c, '/' | '?' | '#' | '@')) {
+            errs.at(
+                a.span.clone(),
+                format!("authority {:?} is not host or host:port", a.value),
+                "write it as \"orders.internal\" or \"orders.internal:443\"",
+            );
+        }
+        s.to_string()
+    });
+
+    let ca_file = c.path("ca_file", errs);
+    let cert_file = c.path("cert_file", errs);
+    let key_file = c.path("key_file", errs);
+    let server_name = c.string("server_name", errs);
+    // The first TLS key, to point at when `tls = true` is missing.
+    let tls_key = [ca_file.as_ref().map(|f| &f.span), cert_file.as_ref().map(|f| &f.span), key_file.as_ref().map(|f| &f.span)]
+        .into_iter()
+        .chain([server_name.as_ref().map(|n| &n.span)])
+        .flatten()
+        .flatten()
+        .min_by_key(|r| r.start)
+        .cloned();
+    let tls = match c.boolean("tls", errs).map(|b| b.value) {
+        Some(true) => {
+            let pair_span = cert_file.as_ref().or(key_file.as_ref()).and_then(|f| f.span.clone());
+            let raw = RawTls {
+                ca_file: ca_file.map(|f| f.value),
+                cert_file: cert_file.map(|f| f.value),
+                key_file: key_file.map(|f| f.value),
+                tls_server_name: server_name.map(|n| n.value),
+            };
+            match TlsConfig::from_raw(path, raw, path.parent().unwrap_or(Path::new(".")), "check") {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    let text = errs.text();
+                    errs.push(e.at(text, pair_span));
+                    None
+                }
+            }
+        }
+        _ if tls_key.is_some() => {
+            errs.at(tls_key, "[check] has TLS files but tls is not true", "add `tls = true` to [check]");
+            None
+        }
+        _ => None,
+    };
+    let not_serving = match c.string("not_serving", errs) {
+        None => NotServing::Critical,
+        Some(n) => match n.value.as_str() {
+            "critical" => NotServing::Critical,
+            "warning" => NotServing::Warning,
+            other => {
+                errs.at(n.span, format!("check not_serving {other:?} is not known"), "use \"critical\" or \"warning\"");
+                NotServing::Critical
+            }
+        },
+    };
+    CheckSpec { target, service, mode, interval, timeout, rise, fall, tls, metadata, authority, not_serving }
 }
 
 const NAME_HINT: &str = "use 1-128 ASCII letters, digits, '-', '_' or '.', starting with a letter or digit";
@@ -404,7 +519,7 @@ mod tests {
         Defaults { node: "web-1".into(), address: "10.1.1.1".into(), backend: BackendKind::Consul, damping: Default::default() }
     }
 
-    fn parse_str(text: &str) -> Result<ServiceSpec, ConfigError> {
+    fn parse_str(text: &str) -> Result<ServiceSpec, ConfigErrors> {
         parse(Path::new("/etc/tether/services.d/orders.toml"), text, &defaults())
     }
 
@@ -456,34 +571,144 @@ fall = 3
     #[test]
     fn tls_keys_without_tls_and_too_many_meta_keys_name_the_place() {
         let e = parse_str("name = \"orders\"\nport = 1\n[check]\nmode = \"poll\"\nca_file = \"ca.pem\"\n").unwrap_err();
-        assert_eq!(e.place.map(|p| p.0), Some(5), "{e}");
+        assert_eq!(e[0].place.map(|p| p.0), Some(5), "{e}");
         assert!(e.to_string().contains("tls is not true"), "{e}");
         let meta: String = (0..63).map(|i| format!("k{i:02} = \"v\"\n")).collect();
         let e = parse_str(&format!("name = \"orders\"\nport = 1\n[meta]\n{meta}")).unwrap_err();
-        assert!(e.place.is_some_and(|p| p.0 > 3), "{e}");
+        assert!(e[0].place.is_some_and(|p| p.0 > 3), "{e}");
         assert!(e.to_string().contains("63 meta keys"), "{e}");
+        let e = parse_str("name = \"orders\"\nport = 1\n[check]\ntls = true\ncert_file = \"c.pem\"\n").unwrap_err();
+        assert_eq!(e[0].place, Some((5, 13)), "{e}");
+        assert!(e.to_string().contains("cert_file and key_file go together"), "{e}");
     }
 
     #[test]
     fn errors_name_the_place() {
-        let e = parse_str("name = \"orders\"\nport = 70000\n").unwrap_err();
+        let one = |text: &str| {
+            let e = parse_str(text).unwrap_err();
+            assert_eq!(e.len(), 1, "{e}");
+            e[0].clone()
+        };
+        let e = one("name = \"orders\"\nport = 70000\n");
         assert_eq!(e.place, Some((2, 8)), "{e}");
         assert!(e.to_string().contains("port 70000 is out of range"), "{e}");
-        let e = parse_str("name = \"orders\"\nport = 1\nprot = 2\n").unwrap_err();
-        assert_eq!(e.place.map(|p| p.0), Some(3), "{e}");
-        assert!(e.to_string().contains("unknown field"), "{e}");
-        let e = parse_str("name = \"\"\nport = 1\n").unwrap_err();
+        let e = one("name = \"orders\"\nport = 1\nprot = 2\n");
+        assert_eq!(e.place, Some((3, 1)), "{e}");
+        assert!(e.to_string().contains("unknown field `prot`"), "{e}");
+        let e = one("name = \"\"\nport = 1\n");
         assert!(e.to_string().contains("is empty"), "{e}");
-        let e = parse_str("name = \"a\"\nport = 1\nttl = \"0s\"\n").unwrap_err();
-        assert_eq!(e.place.map(|p| p.0), Some(3), "{e}");
-        let e = parse_str("name = \"a\"\nport = \"x\"\n").unwrap_err();
+        let e = one("name = \"a\"\nport = 1\nttl = \"0s\"\n");
+        assert_eq!(e.place, Some((3, 7)), "{e}");
+        assert!(e.to_string().contains("duration \"0s\" must be greater than zero; write a positive Go-style duration"), "{e}");
+        let e = one("name = \"a\"\nport = \"x\"\n");
+        assert_eq!(e.place, Some((2, 8)), "{e}");
         assert!(e.to_string().contains("invalid type"), "{e}");
-        let e = parse_str("name = \"a/b\"\nport = 1\n").unwrap_err();
+        let e = one("name = \"a/b\"\nport = 1\n");
         assert!(e.to_string().contains("characters"), "{e}");
-        let e = parse_str("name = \"a\"\nport = 1\nmeta = { managed-by = \"me\" }\n").unwrap_err();
+        let e = one("name = \"a\"\nport = 1\nmeta = { managed-by = \"me\" }\n");
         assert!(e.to_string().contains("reserved"), "{e}");
-        let e = parse_str("name = \"a\"\nport = 1\nderegister_critical_after = \"30s\"\n").unwrap_err();
+        let e = one("name = \"a\"\nport = 1\nderegister_critical_after = \"30s\"\n");
         assert!(e.to_string().contains("minimum of 1m"), "{e}");
+        let e = one("name = \"a\"\n");
+        assert_eq!(
+            e.to_string(),
+            "/etc/tether/services.d/orders.toml: missing field `port`; add it: the port the service listens on, e.g. port = 50051"
+        );
+        let e = one("name = \"a\"\nport = 1\n[check]\nmode = \"pull\"\n");
+        assert_eq!(e.place, Some((4, 8)), "{e}");
+        let e = one("name = \"a\"\nport = 1\n[check.metadata]\ngrpc-x = \"1\"\n");
+        assert!(e.to_string().contains("orders.toml:4:1: metadata key \"grpc-x\" is reserved"), "{e}");
+    }
+
+    #[test]
+    fn every_mistake_in_a_file_is_reported_with_its_place() {
+        let text = "name = \"orders\"\nport = 70000\ntags = [\"a b\"]\n[check]\nintervall = \"1s\"\nmode = \"pull\"\nrise = 0\n";
+        let e = parse_str(text).unwrap_err();
+        let lines: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        let f = "/etc/tether/services.d/orders.toml";
+        assert_eq!(
+            lines,
+            [
+                format!("{f}:2:8: port 70000 is out of range; use a port from 1 to 65535"),
+                format!("{f}:3:9: tag \"a b\" is empty, too long or has spaces or control characters; use short tags of printable characters without spaces"),
+                format!("{f}:5:1: unknown field `intervall` in [check]; did you mean `interval`?"),
+                format!("{f}:6:8: check mode \"pull\" is not known; use \"watch\" or \"poll\""),
+                format!("{f}:7:8: check rise = 0 is out of range; use a count from 1 to 100"),
+            ],
+            "{e}"
+        );
+        assert_eq!(e.to_string(), lines.join("\n"));
+    }
+
+    #[test]
+    fn three_mistakes_three_errors() {
+        let e = parse_str("name = \"orders\"\nprot = 50051\n[check]\nintervall = \"1s\"\ntimeout = \"soon\"\n").unwrap_err();
+        let places: Vec<_> = e.iter().map(|e| e.place).collect();
+        // The missing port has no place: it is last.
+        assert_eq!(places, [Some((2, 1)), Some((4, 1)), Some((5, 11)), None], "{e}");
+        assert!(e[0].to_string().ends_with("unknown field `prot`; did you mean `port`?"), "{e}");
+        assert!(e[1].to_string().ends_with("unknown field `intervall` in [check]; did you mean `interval`?"), "{e}");
+        assert!(e[2].to_string().contains("\"soon\" is not a duration"), "{e}");
+        assert!(e[3].to_string().contains("missing field `port`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_key_or_its_table() {
+        let hint = |text: &str| parse_str(&format!("name = \"a\"\nport = 1\n{text}")).unwrap_err()[0].hint.clone();
+        assert_eq!(hint("[check]\ntiemout = \"1s\"\n"), "did you mean `timeout`?");
+        assert_eq!(hint("adress = \"10.0.0.1\"\n"), "did you mean `address`?");
+        assert_eq!(hint("deregister-critical-after = \"2m\"\n"), "did you mean `deregister_critical_after`?");
+        assert_eq!(hint("interval = \"1s\"\n"), "did you mean `interval` in [check]?");
+        assert_eq!(hint("[chekc]\ninterval = \"1s\"\n"), "did you mean `check`?");
+        assert_eq!(hint("[check]\nttl = \"20s\"\n"), "did you mean `ttl` at the top level (before any [table])?");
+        assert_eq!(hint("[check]\nhold = \"20s\"\n"), "did you mean `hold` in [damping]?");
+        assert_eq!(hint("[damping]\nwindw = \"20s\"\n"), "did you mean `window`?");
+        // Far from every key: no guess, the general advice.
+        assert_eq!(hint("colour = \"blue\"\n"), "remove it or fix its spelling (see the configuration reference in README.md)");
+        assert_eq!(hint("[check]\nbanana = 1\n"), "remove it or fix its spelling (see the configuration reference in README.md)");
+        // meta and [check.metadata] take any key.
+        assert!(parse_str("name = \"a\"\nport = 1\nmeta = { intervall = \"x\" }\n[check.metadata]\nx-api-key = \"k\"\n").is_ok());
+    }
+
+    #[test]
+    fn wrong_types_are_reported_and_reading_goes_on() {
+        let e = parse_str("name = 5\nport = 1\ntags = \"a\"\nmeta = { v = 1 }\n[check]\ntls = \"yes\"\nrise = \"2\"\n").unwrap_err();
+        let text = e.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{e}");
+        assert!(lines[0].contains(":1:8: invalid type for name: integer `5`, expected a string"), "{e}");
+        assert!(lines[1].contains(":3:8: invalid type for tags: string \"a\", expected an array of strings"), "{e}");
+        assert!(lines[2].contains(":4:14: invalid type for meta.v: integer `1`, expected a string"), "{e}");
+        assert!(lines[3].contains(":6:7: invalid type for check.tls: string \"yes\", expected a boolean"), "{e}");
+        assert!(lines[4].contains(":7:8: invalid type for check.rise: string \"2\", expected an integer"), "{e}");
+    }
+
+    #[test]
+    fn check_metadata_and_authority() {
+        let s = parse_str(
+            "name = \"a\"\nport = 1\n[check]\nauthority = \"orders.internal\"\n[check.metadata]\nAuthorization = \"Bearer x\"\n[check.metadata_files]\nx-key = \"/run/key\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.check.authority.as_deref(), Some("orders.internal"));
+        assert_eq!(s.check.metadata["authorization"], MetadataSource::Value("Bearer x".into()));
+        assert_eq!(s.check.metadata["x-key"], MetadataSource::File("/run/key".into()));
+    }
+
+    #[test]
+    fn not_serving_and_weights() {
+        let s = parse_str("name = \"a\"\nport = 1\n").unwrap();
+        assert_eq!((s.check.not_serving, s.weights), (NotServing::Critical, None));
+        let s = parse_str("name = \"a\"\nport = 1\nweight = 10\nweight_warning = 2\n[check]\nnot_serving = \"warning\"\n").unwrap();
+        assert_eq!((s.check.not_serving, s.weights), (NotServing::Warning, Some(Weights { passing: 10, warning: 2 })));
+        let s = parse_str("name = \"a\"\nport = 1\nweight = 10\n").unwrap();
+        assert_eq!(s.weights, Some(Weights { passing: 10, warning: 1 }), "Consul's default warning weight");
+        let e = parse_str("name = \"a\"\nport = 1\nweight = 0\n[check]\nnot_serving = \"ok\"\n").unwrap_err();
+        let places: Vec<_> = e.iter().map(|e| e.place).collect();
+        assert_eq!(places, [Some((3, 10)), Some((5, 15))], "{e}");
+        let e = parse_str("name = \"a\"\nport = 1\nweight = 5\nweight_warning = 0\n").unwrap_err();
+        assert!(e.to_string().contains(":4:18: weight_warning = 0 is out of range; use a weight from 1 to 65535"), "{e}");
+        let e = parse_str("name = \"a\"\nport = 1\nweight_warning = 1\n").unwrap_err();
+        assert!(e.to_string().contains(":3:18: weight_warning is set without weight"), "{e}");
     }
 
     #[test]
@@ -521,7 +746,9 @@ mod fuzz {
         ) {
             let text = format!("name = \"{name}\"\nport = {port}\nttl = \"{ttl}\"\n{extra} = 1\n[check]\nmode = \"{mode}\"\nrise = {rise}\n");
             if let Err(e) = parse(Path::new("f.toml"), &text, &defaults()) {
-                prop_assert!(e.to_string().starts_with("f.toml"));
+                for line in e.to_string().lines() {
+                    prop_assert!(line.starts_with("f.toml"), "{}", line);
+                }
             }
         }
 

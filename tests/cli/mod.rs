@@ -92,6 +92,48 @@ fn validate_reports_every_error_with_its_place() {
     assert!(out.contains("tether.toml:2:1: both [consul] and [etcd] are set"), "{out}");
 }
 
+/// Every mistake in a file is its own error with its place (an unknown key with
+/// a did-you-mean), not just the first; any error is exit status 1.
+#[test]
+fn validate_reports_every_mistake_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd = dir.path().join("services.d");
+    std::fs::create_dir(&sd).unwrap();
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "services_dir = \"services.d\"\nnode = \"n\"\n[consul]\n").unwrap();
+    let orders = sd.join("orders.toml");
+    std::fs::write(&orders, "name = \"orders\"\nport = 70000\n[check]\nintervall = \"1s\"\nmode = \"pull\"\n").unwrap();
+    let cfg = config.to_str().unwrap();
+    let (code, out) = run(&["validate", "--config", cfg]);
+    assert_eq!(code, 1, "{out}");
+    let f = orders.display();
+    let expected = [
+        format!("error: {f}:2:8: port 70000 is out of range; use a port from 1 to 65535"),
+        format!("error: {f}:4:1: unknown field `intervall` in [check]; did you mean `interval`?"),
+        format!("error: {f}:5:8: check mode \"pull\" is not known; use \"watch\" or \"poll\""),
+        "3 error(s)".to_string(),
+    ];
+    assert_eq!(out.lines().collect::<Vec<_>>(), expected, "{out}");
+
+    // The agent file too, and a key in the wrong table is pointed to its table.
+    std::fs::write(&orders, "name = \"orders\"\nport = 50051\n").unwrap();
+    std::fs::write(
+        &config,
+        "services_dir = \"services.d\"\nnode = \"n\"\naddress = \"http://127.0.0.1:8500\"\n[consul]\ntoken_flie = \"t\"\n",
+    )
+    .unwrap();
+    for args in [&["validate", "--config", cfg][..], &["validate", "--agent-only", "--config", cfg]] {
+        let (code, out) = run(args);
+        assert_eq!(code, 1, "{out}");
+        let expected = [
+            format!("error: {cfg}:3:1: unknown field `address`; did you mean `address` in [consul]?"),
+            format!("error: {cfg}:5:1: unknown field `token_flie` in [consul]; did you mean `token_file`?"),
+            "2 error(s)".to_string(),
+        ];
+        assert_eq!(out.lines().collect::<Vec<_>>(), expected, "{args:?}: {out}");
+    }
+}
+
 /// The README's from-source step for the man pages (the units say
 /// `Documentation=man:tether(1)`), run as written but into a temporary prefix
 /// and with the binary this test build made.
