@@ -96,11 +96,20 @@ pub struct ServiceSpec {
     pub meta: BTreeMap<String, String>,
     pub ttl: Duration,
     pub deregister_critical_after: Duration,
-    pub check: CheckSpec,
+    /// Its checks (at least one): `[check]`, or several as `[[check]]`;
+    /// the service passes only while all of them pass.
+    pub checks: Vec<CheckSpec>,
     /// `weight` and `weight_warning`, if `weight` is set.
     pub weights: Option<Weights>,
     /// Flap damping: the agent's `[damping]` with this file's own over it.
     pub damping: Damping,
+}
+
+impl ServiceSpec {
+    /// How long its first health result may take: the longest check timeout.
+    pub fn first_result_within(&self) -> Duration {
+        self.checks.iter().map(|c| c.timeout).max().unwrap_or_default()
+    }
 }
 
 /// The keys of a service file, by table (`""`: the top level). `meta`,
@@ -299,7 +308,10 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
     };
 
     let damping = super::damping::read(top.table("damping", errs), &defaults.damping, errs);
-    let check = check(top.table("check", errs).unwrap_or(Section::empty("check", SCHEMA)), port, path, errs);
+    let mut checks: Vec<CheckSpec> = top.tables("check", errs).into_iter().map(|c| check(c, port, path, errs)).collect();
+    if checks.is_empty() {
+        checks.push(check(Section::empty("check", SCHEMA), port, path, errs));
+    }
 
     errors.finish(ServiceSpec {
         file: path.to_path_buf(),
@@ -311,7 +323,7 @@ pub fn parse(path: &Path, text: &str, defaults: &Defaults) -> Result<ServiceSpec
         meta,
         ttl,
         deregister_critical_after,
-        check,
+        checks,
         weights,
         damping,
     })
@@ -325,8 +337,8 @@ fn check(c: Section, port: u16, path: &Path, errs: &mut Errors) -> CheckSpec {
             if !valid_target(s) {
                 errs.at(
                     t.span.clone(),
-                    format!("check target {:?} is not host:port", t.value),
-                    "write it as \"127.0.0.1:50051\" or \"localhost:50051\"",
+                    format!("check target {:?} is not host:port or unix:///path", t.value),
+                    "write it as \"127.0.0.1:50051\", \"localhost:50051\" or \"unix:///run/orders/grpc.sock\"",
                 );
             }
             s.to_string()
@@ -506,6 +518,9 @@ fn sanitize(s: &str) -> String {
 }
 
 fn valid_target(s: &str) -> bool {
+    if let Some(path) = s.strip_prefix("unix://") {
+        return path.starts_with('/') && path.len() > 1 && !path.contains(char::is_control);
+    }
     let Some((host, port)) = s.rsplit_once(':') else { return false };
     let host_ok = !host.is_empty() && !host.contains(char::is_whitespace) && !host.contains('/');
     host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
@@ -552,9 +567,9 @@ fall = 3
         assert_eq!(s.meta["version"], "1.2.3");
         assert_eq!(s.ttl, Duration::from_secs(10));
         assert_eq!(s.deregister_critical_after, Duration::from_secs(120));
-        assert_eq!(s.check.mode, CheckMode::Poll);
-        assert_eq!(s.check.timeout, Duration::from_millis(500));
-        assert_eq!((s.check.rise, s.check.fall), (2, 3));
+        assert_eq!(s.checks[0].mode, CheckMode::Poll);
+        assert_eq!(s.checks[0].timeout, Duration::from_millis(500));
+        assert_eq!((s.checks[0].rise, s.checks[0].fall), (2, 3));
     }
 
     #[test]
@@ -562,8 +577,8 @@ fall = 3
         let s = parse_str("name = \"orders\"\nport = 50051\n").unwrap();
         assert_eq!(s.id, "orders-web-1-50051");
         assert_eq!(s.address, "10.1.1.1");
-        assert_eq!(s.check.target, "127.0.0.1:50051");
-        assert_eq!(s.check.mode, CheckMode::Watch);
+        assert_eq!(s.checks[0].target, "127.0.0.1:50051");
+        assert_eq!(s.checks[0].mode, CheckMode::Watch);
         assert_eq!(s.ttl, Duration::from_secs(15));
         assert_eq!(s.deregister_critical_after, Duration::from_secs(60));
     }
@@ -689,17 +704,34 @@ fall = 3
             "name = \"a\"\nport = 1\n[check]\nauthority = \"orders.internal\"\n[check.metadata]\nAuthorization = \"Bearer x\"\n[check.metadata_files]\nx-key = \"/run/key\"\n",
         )
         .unwrap();
-        assert_eq!(s.check.authority.as_deref(), Some("orders.internal"));
-        assert_eq!(s.check.metadata["authorization"], MetadataSource::Value("Bearer x".into()));
-        assert_eq!(s.check.metadata["x-key"], MetadataSource::File("/run/key".into()));
+        assert_eq!(s.checks[0].authority.as_deref(), Some("orders.internal"));
+        assert_eq!(s.checks[0].metadata["authorization"], MetadataSource::Value("Bearer x".into()));
+        assert_eq!(s.checks[0].metadata["x-key"], MetadataSource::File("/run/key".into()));
+    }
+
+    #[test]
+    fn several_checks_and_unix_targets() {
+        let s = parse_str(
+            "name = \"a\"\nport = 1\n[[check]]\ntarget = \"unix:///run/a.sock\"\n[[check]]\nservice = \"billing\"\nmode = \"poll\"\ntimeout = \"3s\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.checks.len(), 2);
+        assert_eq!(s.checks[0].target, "unix:///run/a.sock");
+        assert_eq!((s.checks[1].target.as_str(), s.checks[1].service.as_str()), ("127.0.0.1:1", "billing"));
+        assert_eq!(s.first_result_within(), Duration::from_secs(3));
+        let e =
+            parse_str("name = \"a\"\nport = 1\n[[check]]\nmode = \"poll\"\n[[check]]\nintervall = \"1s\"\ntarget = \"unix://relative\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains(":6:1: unknown field `intervall` in [check]") && e.contains(":7:10: check target"), "{e}");
     }
 
     #[test]
     fn not_serving_and_weights() {
         let s = parse_str("name = \"a\"\nport = 1\n").unwrap();
-        assert_eq!((s.check.not_serving, s.weights), (NotServing::Critical, None));
+        assert_eq!((s.checks[0].not_serving, s.weights), (NotServing::Critical, None));
         let s = parse_str("name = \"a\"\nport = 1\nweight = 10\nweight_warning = 2\n[check]\nnot_serving = \"warning\"\n").unwrap();
-        assert_eq!((s.check.not_serving, s.weights), (NotServing::Warning, Some(Weights { passing: 10, warning: 2 })));
+        assert_eq!((s.checks[0].not_serving, s.weights), (NotServing::Warning, Some(Weights { passing: 10, warning: 2 })));
         let s = parse_str("name = \"a\"\nport = 1\nweight = 10\n").unwrap();
         assert_eq!(s.weights, Some(Weights { passing: 10, warning: 1 }), "Consul's default warning weight");
         let e = parse_str("name = \"a\"\nport = 1\nweight = 0\n[check]\nnot_serving = \"ok\"\n").unwrap_err();

@@ -328,7 +328,7 @@ fn a_check_change_restarts_the_probe_and_ignores_the_old_one() {
     sim.settle();
     let old = sim.generations["a"];
     let mut changed = spec("a", 1);
-    changed.check.interval = Duration::from_secs(1);
+    changed.checks[0].interval = Duration::from_secs(1);
     sim.core.desired_set(BTreeMap::from([("a".to_string(), changed)]), sim.now);
     sim.outbox();
     assert_ne!(sim.generations["a"], old, "a new probe");

@@ -172,7 +172,7 @@ pub(super) fn spec(id: &str, ttl: Duration) -> ServiceSpec {
         meta: BTreeMap::new(),
         ttl,
         deregister_critical_after: Duration::from_secs(60),
-        check: CheckSpec {
+        checks: vec![CheckSpec {
             target: "127.0.0.1:50051".into(),
             service: String::new(),
             mode: CheckMode::Watch,
@@ -184,7 +184,7 @@ pub(super) fn spec(id: &str, ttl: Duration) -> ServiceSpec {
             metadata: Default::default(),
             authority: None,
             not_serving: Default::default(),
-        },
+        }],
         weights: None,
         damping: Default::default(),
     }

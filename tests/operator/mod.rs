@@ -169,3 +169,52 @@ fn weights_reach_consul_and_etcd_and_grpc_go_still_resolves() {
     client.wait_rotation(&[server.addr()], T);
     assert_eq!(client.resolved().unwrap()[0].1["weight"], 10);
 }
+
+#[test]
+fn a_unix_socket_target_is_probed_while_the_registered_address_stays() {
+    let consul = Consul::start();
+    let mut server = GoHealthServer::start_unix();
+    let setup = Setup::consul(&consul, "");
+    let text =
+        service("orders", 50051, "").replace("target = \"127.0.0.1:50051\"", &format!("target = \"unix://{}\"", server.socket().display()));
+    setup.write_service("orders.toml", &text);
+    let _tether = setup.start();
+    consul.wait_health("orders-1", "passing", T);
+    let services = consul.services();
+    assert_eq!((services["orders-1"]["Address"].as_str(), services["orders-1"]["Port"].as_u64()), (Some("127.0.0.1"), Some(50051)));
+    server.set("not_serving");
+    consul.wait_health("orders-1", "critical", T);
+    server.set("serving");
+    consul.wait_health("orders-1", "passing", T);
+    drop(server);
+    consul.wait_health("orders-1", "critical", T);
+}
+
+#[test]
+fn two_checks_pass_together_and_the_reason_names_the_failing_one() {
+    let consul = Consul::start();
+    let mut api = GoHealthServer::start();
+    let mut admin = GoHealthServer::start();
+    let setup = Setup::consul(&consul, "");
+    let text = format!(
+        "name = \"orders\"\nid = \"orders-1\"\naddress = \"127.0.0.1\"\nport = {}\nttl = \"5s\"\n[[check]]\ntarget = \"{}\"\n[[check]]\ntarget = \"{}\"\nmode = \"poll\"\ninterval = \"1s\"\n",
+        api.port,
+        api.addr(),
+        admin.addr()
+    );
+    setup.write_service("orders.toml", &text);
+    let _tether = setup.start();
+    consul.wait_health("orders-1", "passing", T);
+    admin.set("not_serving");
+    consul.wait_health("orders-1", "critical", T);
+    let (_, reason) = consul.health("orders-1").unwrap();
+    assert_eq!(reason, format!("check 2 ({}): NOT_SERVING", admin.addr()));
+    api.set("not_serving");
+    wait_for(T, "both checks named", || {
+        let (_, reason) = consul.health("orders-1")?;
+        (reason == format!("check 1 ({}): NOT_SERVING; check 2 ({}): NOT_SERVING", api.addr(), admin.addr())).then_some(())
+    });
+    admin.set("serving");
+    api.set("serving");
+    consul.wait_health("orders-1", "passing", T);
+}

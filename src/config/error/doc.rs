@@ -256,6 +256,27 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// A table that may also be written as an array of tables (`[check]`
+    /// or `[[check]]`): each one read like [`Section::table`]; none if absent.
+    pub fn tables(&self, key: &'static str, errs: &mut Errors) -> Vec<Section<'a>> {
+        let Some((k, node)) = self.entries.iter().find(|(k, _)| k.name == key) else { return Vec::new() };
+        let Value::Array(items) = &node.value else { return self.table(key, errs).into_iter().collect() };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match &item.value {
+                Value::Table(entries) => {
+                    let span = if item.span.is_some() { &item.span } else { &k.span };
+                    out.push(Section::open(entries, key, span, self.schema, errs));
+                }
+                _ => {
+                    let hint = format!("write each as a [[{key}]] section");
+                    self.wrong(&self.dotted(key), item, item.span.clone().or_else(|| k.span.clone()), "a table", &hint, errs);
+                }
+            }
+        }
+        out
+    }
+
     /// A free-form table of strings (`meta`, `[check.metadata]`): its keys
     /// and values in the order written; a value of another type is reported
     /// and left out.

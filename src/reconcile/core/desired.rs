@@ -17,7 +17,7 @@ impl<V: View> Core<V> {
         let known = super::health::effective(entry, now).or_else(|| entry.remote.as_ref().and_then(|r| r.health.clone()));
         let health = match known {
             Some(h) => h,
-            None if now >= entry.added + entry.spec.check.timeout + FIRST_RESULT_GRACE => Health::critical(WAITING),
+            None if now >= entry.added + entry.spec.first_result_within() + FIRST_RESULT_GRACE => Health::critical(WAITING),
             None => return Desired::Undecided,
         };
         // A registry that drops critical records drops warning ones too.

@@ -288,13 +288,13 @@ impl<V: View> Core<V> {
                     if entry.refused.take().is_some() {
                         self.refused -= 1;
                     }
-                    if entry.spec.check != spec.check {
+                    if entry.spec.checks != spec.checks {
                         self.generation += 1;
                         entry.generation = self.generation;
                         self.out.probes.push(ProbeChange::Start {
                             id: id.clone(),
                             generation: self.generation,
-                            checks: vec![spec.check.clone()],
+                            checks: spec.checks.clone(),
                         });
                     }
                     entry.spec = Arc::new(spec);
@@ -302,13 +302,9 @@ impl<V: View> Core<V> {
                 None => {
                     tracing::info!(service = %id, file = %spec.file.display(), "service added");
                     self.generation += 1;
-                    self.out.probes.push(ProbeChange::Start {
-                        id: id.clone(),
-                        generation: self.generation,
-                        checks: vec![spec.check.clone()],
-                    });
+                    self.out.probes.push(ProbeChange::Start { id: id.clone(), generation: self.generation, checks: spec.checks.clone() });
                     self.m().service_health.get_or_create(&Metrics::service(&id)).set(-1);
-                    let grace_ends = now + spec.check.timeout + FIRST_RESULT_GRACE;
+                    let grace_ends = now + spec.first_result_within() + FIRST_RESULT_GRACE;
                     self.timers.push(Reverse((grace_ends, id.clone())));
                     self.undecided += 1;
                     self.undecided_until = self.undecided_until.max(grace_ends);

@@ -307,13 +307,9 @@ impl ConsulView {
     /// Human-readable notes on the service's checks; also part of the fingerprint,
     /// so that a change of check settings re-registers.
     fn notes(spec: &ServiceSpec) -> String {
-        format!(
-            "grpc.health.v1 {} of {} service {:?} by tether; deregistered after critical for {}",
-            spec.check.mode.as_str(),
-            spec.check.target,
-            spec.check.service,
-            go(spec.deregister_critical_after)
-        )
+        let checks: Vec<String> =
+            spec.checks.iter().map(|c| format!("{} of {} service {:?}", c.mode.as_str(), c.target, c.service)).collect();
+        format!("grpc.health.v1 {} by tether; deregistered after critical for {}", checks.join(" and "), go(spec.deregister_critical_after))
     }
 }
 
