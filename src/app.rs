@@ -154,7 +154,9 @@ impl Scanner {
         for e in self.errors.difference(&errors) {
             tracing::info!("resolved: {e}");
         }
-        self.telemetry.metrics.config_errors.set(errors.len() as i64);
+        // Files failing to load (a file may have several errors).
+        let files: BTreeSet<&std::path::Path> = scan.errors.iter().map(|e| e.file.as_path()).collect();
+        self.telemetry.metrics.config_errors.set(files.len() as i64);
         self.telemetry.with_status(|s| s.config_errors = errors.iter().cloned().collect());
         self.errors = errors;
         if self.last.as_ref() == Some(&scan.services) {

@@ -1,8 +1,9 @@
 //! Configuration: the agent's own file and the per-service drop-in files.
 //!
-//! Raw TOML structs are parsed with `deny_unknown_fields` and validated into
-//! [`AgentConfig`] and [`ServiceSpec`]; `tether validate` and `tether run` share
-//! this one parser. [`scan`] turns a directory into the desired set of services,
+//! Files are read into a span-keeping TOML tree (`error/doc.rs`) and validated
+//! into [`AgentConfig`] and [`ServiceSpec`] with every problem collected
+//! (unknown keys with a did-you-mean, wrong types, bad values), each with its
+//! `file:line:col`; `tether validate` and `tether run` share this one parser. [`scan`] turns a directory into the desired set of services,
 //! keeping the last good version of a file that stops parsing; [`watch`] turns
 //! file-system events into "rescan now" signals.
 
