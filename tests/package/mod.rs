@@ -141,6 +141,7 @@ fn package_builds_installs_and_verifies() {
         "/usr/share/lintian/overrides/tether",
         "/usr/share/doc/tether/changelog.gz",
         "/usr/share/doc/tether/examples/services.d/orders.toml",
+        "/usr/share/doc/tether/examples/services.d/billing.toml",
         "/usr/share/man/man1/tether.1.gz",
         "/usr/share/man/man1/tether-run.1.gz",
         "/usr/share/man/man1/tether-validate.1.gz",
