@@ -109,7 +109,8 @@ enum Command {
 
 /// Parse arguments and run; the process's exit code.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = command().try_get_matches().and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -139,5 +140,5 @@ pub fn main() -> ExitCode {
 
 /// The whole command-line definition (for the man pages and completions).
 pub fn command() -> clap::Command {
-    Cli::command()
+    Cli::command().mut_subcommand("validate", |c| c.after_long_help(crate::config::keys_help()))
 }

@@ -190,7 +190,7 @@ fn check_instance(s: &str) -> Result<(), (String, &'static str)> {
 }
 
 /// The keys of the agent file, by table (`""`: the top level).
-const SCHEMA: &Schema = &[
+pub(crate) const SCHEMA: &Schema = &[
     (
         "",
         &[

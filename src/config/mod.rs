@@ -19,4 +19,29 @@ pub mod watch;
 
 pub use agent::{AgentConfig, BackendConfig, BackendKind, Defaults, EtcdConfig, Owner};
 pub use error::ConfigError;
+
+/// Every key of both files, table by table, from the schemas the parser
+/// checks against: for `tether validate --help` and its man page.
+pub fn keys_help() -> String {
+    let list = |title: &str, schema: &error::suggest::Schema| {
+        let mut out = format!("{title}\n");
+        for (table, keys) in schema {
+            // Tables are listed under their own heading, not among the keys.
+            let keys: Vec<&str> = keys.iter().copied().filter(|k| !schema.iter().any(|(t, _)| t == k)).collect();
+            let heading = match *table {
+                "" => "top level".to_string(),
+                "check" => "[check] (or [[check]], once per check)".to_string(),
+                t => format!("[{t}]"),
+            };
+            out.push_str(&format!("  {heading}: {}\n", keys.join(", ")));
+        }
+        out
+    };
+    format!(
+        "{}\n{}  [check.metadata]: header = \"value\"; [check.metadata_files]: header = \"file\"\n\nREADME.md's configuration reference \
+         (/usr/share/doc/tether/README.md) says what each key means.",
+        list("Agent file (tether.toml) keys:", agent::SCHEMA),
+        list("Service file (services_dir/*.toml) keys:", service::SCHEMA),
+    )
+}
 pub use service::{CheckMode, CheckSpec, MetadataSource, NotServing, ServiceSpec};

@@ -114,7 +114,7 @@ impl ServiceSpec {
 
 /// The keys of a service file, by table (`""`: the top level). `meta`,
 /// `[check.metadata]` and `[check.metadata_files]` take any keys.
-const SCHEMA: &Schema = &[
+pub(crate) const SCHEMA: &Schema = &[
     (
         "",
         &[

@@ -161,6 +161,14 @@ fn man_pages_install_as_the_readme_says() {
     }
     let source = std::fs::read_to_string(man1.join("tether.1")).unwrap();
     assert!(source.contains(".SH NAME") && source.contains("tether"), "{source}");
+    // tether-validate(1) lists every key of both files, from the parser's own schemas.
+    let validate = std::fs::read_to_string(man1.join("tether-validate.1")).unwrap();
+    for key in
+        ["deregister_critical_after", "weight_warning", "not_serving", "metadata_files", "authority", "writes_per_minute", "token_file"]
+    {
+        assert!(validate.contains(key), "{key} missing from tether-validate.1:\n{validate}");
+    }
+    assert!(validate.contains("[[check]]"), "{validate}");
     // And man finds and renders it there.
     if Command::new("man").arg("--version").output().is_ok_and(|o| o.status.success()) {
         let shown = Command::new("man")
