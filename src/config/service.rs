@@ -710,6 +710,18 @@ fall = 3
     }
 
     #[test]
+    fn metadata_files_are_found_in_the_credentials_directory_first() {
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(creds.path().join("orders.token"), "Bearer x").unwrap();
+        // nextest runs each test in its own process: the variable is this test's.
+        std::env::set_var("CREDENTIALS_DIRECTORY", creds.path());
+        let file = Path::new("/etc/tether/services.d/orders.toml");
+        assert_eq!(secret_path(Path::new("orders.token"), file), creds.path().join("orders.token"));
+        assert_eq!(secret_path(Path::new("other.token"), file), Path::new("/etc/tether/services.d/other.token"));
+        assert_eq!(secret_path(Path::new("/run/a.token"), file), Path::new("/run/a.token"));
+    }
+
+    #[test]
     fn several_checks_and_unix_targets() {
         let s = parse_str(
             "name = \"a\"\nport = 1\n[[check]]\ntarget = \"unix:///run/a.sock\"\n[[check]]\nservice = \"billing\"\nmode = \"poll\"\ntimeout = \"3s\"\n",
