@@ -105,6 +105,26 @@ pub struct ServiceSpec {
     pub damping: Damping,
 }
 
+impl CheckSpec {
+    /// The defaults of a `[check]` with only `target` and `service` set (for tests).
+    #[cfg(test)]
+    pub(crate) fn watching(target: &str, service: &str) -> CheckSpec {
+        CheckSpec {
+            target: target.into(),
+            service: service.into(),
+            mode: CheckMode::Watch,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 1,
+            fall: 1,
+            tls: None,
+            metadata: BTreeMap::new(),
+            authority: None,
+            not_serving: NotServing::Critical,
+        }
+    }
+}
+
 impl ServiceSpec {
     /// How long its first health result may take: the longest check timeout.
     pub fn first_result_within(&self) -> Duration {

@@ -343,19 +343,7 @@ mod tests {
     use tonic_health::server::health_reporter;
 
     fn spec(target: String, interval: Duration) -> CheckSpec {
-        CheckSpec {
-            target,
-            service: "svc".into(),
-            mode: CheckMode::Watch,
-            interval,
-            timeout: Duration::from_secs(2),
-            rise: 1,
-            fall: 1,
-            tls: None,
-            metadata: Default::default(),
-            authority: None,
-            not_serving: Default::default(),
-        }
+        CheckSpec { interval, ..CheckSpec::watching(&target, "svc") }
     }
 
     /// A tonic-health server on a free port with "svc" SERVING.

@@ -175,19 +175,7 @@ mod tests {
     use super::*;
 
     fn check(target: &str, service: &str) -> CheckSpec {
-        CheckSpec {
-            target: target.into(),
-            service: service.into(),
-            mode: crate::config::CheckMode::Watch,
-            interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(2),
-            rise: 1,
-            fall: 1,
-            tls: None,
-            metadata: Default::default(),
-            authority: None,
-            not_serving: NotServing::Critical,
-        }
+        CheckSpec::watching(target, service)
     }
 
     #[test]

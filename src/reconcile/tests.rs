@@ -6,7 +6,7 @@
 use super::core::{REFUSED_CAP, WAITING};
 use super::*;
 use crate::backoff::lock;
-use crate::config::{CheckMode, CheckSpec};
+use crate::config::CheckSpec;
 use crate::health::{Health, Status};
 use crate::registry::{AgentInfo, RemoteEntry};
 use crate::registry::{ErrorKind, Heartbeat, Outcome, Result as RegResult};
@@ -172,19 +172,7 @@ pub(super) fn spec(id: &str, ttl: Duration) -> ServiceSpec {
         meta: BTreeMap::new(),
         ttl,
         deregister_critical_after: Duration::from_secs(60),
-        checks: vec![CheckSpec {
-            target: "127.0.0.1:50051".into(),
-            service: String::new(),
-            mode: CheckMode::Watch,
-            interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(2),
-            rise: 1,
-            fall: 1,
-            tls: None,
-            metadata: Default::default(),
-            authority: None,
-            not_serving: Default::default(),
-        }],
+        checks: vec![CheckSpec::watching("127.0.0.1:50051", "")],
         weights: None,
         damping: Default::default(),
     }
