@@ -101,15 +101,25 @@ def drop_file(path: str, text: str) -> float:
     return t0
 
 
+# Flap damping off (issue 21). Every phase but `flap` flips its servers again
+# and again (detection: 100 transitions in about 100 s), which the damping's
+# defaults would rightly call flapping (8 transitions in 30 s start an episode
+# that holds the service critical; 30 writes a minute per service): they
+# measure each flip's own path, as a service that does not flap sees it. The
+# `flap` phase measures the damping itself and passes its own table.
+DAMPING_OFF = "\n[damping]\nenabled = false\nwrites_per_minute = 0\n"
+
+
 class Tether:
     """One `tether run` with its own config directory."""
 
     def __init__(
         self, procs: Procs, binary: str, workdir: str, node: str, backend: str, url: str, files: dict[str, str], consul_token_file: str | None = None,
-        listen: str = "", extra_config: str = "",
+        listen: str = "", extra_config: str = DAMPING_OFF,
     ) -> None:
         """`listen`: tether's HTTP listener (/metrics, /v1/status), off if
-        empty; `extra_config`: appended to tether.toml (e.g. a `[damping]` table)."""
+        empty; `extra_config`: appended to tether.toml (by default a
+        `[damping]` table that turns damping and the write budget off)."""
         self.dir = workdir
         self.services_dir = os.path.join(workdir, "services.d")
         os.makedirs(self.services_dir, exist_ok=True)
