@@ -68,6 +68,11 @@ def save(fig, out_dir: str, name: str) -> str:
     return path
 
 
+def num(x: float) -> str:
+    """A figure for a label: 2.88, 10.1, 541, 1002."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def cdf(ax, xs: list[float], label: str, color: str) -> None:
     s = sorted(xs)
     n = len(s)
@@ -87,7 +92,7 @@ def flip_cdf(res: dict, results_dir: str, out_dir: str) -> str | None:
         xs = [x for x in raw[cid]["critical"] if x is not None]
         s = d["checks"][cid]["critical"]
         if xs:
-            cdf(ax, xs, f"{label}: p50 {s['p50']:.3g} ms, p99 {s['p99']:.3g} ms (n = {s['n']})", color)
+            cdf(ax, xs, f"{label}: p50 {num(s['p50'])} ms, p99 {num(s['p99'])} ms (n = {s['n']})", color)
     ax.set_xscale("log")
     plain_log(ax, "x")
     ax.set_xlabel("flip NOT_SERVING → critical in Consul's catalog (ms, log scale)")
@@ -111,31 +116,38 @@ def start_vs_services(res: dict, results_dir: str, out_dir: str) -> str | None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     fig.subplots_adjust(bottom=0.24, top=0.88, right=0.97)
 
-    def series(xs, ys, label, color, marker, fill=True):
+    def series(xs, ys, label, color, marker, fill=True, at=None):
+        """`at`: where its values are written, (dx, dy) in points and alignment; None: not written."""
         ax.plot(xs, ys, marker=marker, color=color, label=label, linewidth=1.5, markersize=7,
                 markerfacecolor=color if fill else "white")  # fmt: skip
-        for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.3g} s", (x, y), textcoords="offset points", xytext=(6, -3), fontsize=7, color=color)
+        if at:
+            for x, y in zip(xs, ys):
+                ax.annotate(f"{num(y)} s", (x, y), textcoords="offset points", xytext=at[:2], ha=at[2], fontsize=7, color=color)
 
+    # Values written beside the interval-1 s points and the floor only (the 5 s
+    # points sit on top of them); Consul above, etcd below, the floor to the left.
+    where = {"consul": (8, 5, "left"), "etcd": (8, -11, "left")}
     for backend, color, name in (("consul", COLORS["consul"], "tether → Consul"), ("etcd", COLORS["etcd"], "tether → etcd")):
         for interval, fill in (("1s", True), ("5s", False)):
             rows = scale_rows(res, backend, interval)
             if rows:
-                series([r["n"] for r in rows], [r["startup_to_all_passing_s"] for r in rows], f"{name}, interval {interval}", color, "o" if fill else "s", fill)
+                series([r["n"] for r in rows], [r["startup_to_all_passing_s"] for r in rows], f"{name}, interval {interval}", color,
+                       "o" if fill else "s", fill, where[backend] if fill else None)  # fmt: skip
     floor = list(sc.get("consul_floor_small") or [])
     if sc.get("consul_floor"):
         floor.append(sc["consul_floor"])
     if floor:
         floor.sort(key=lambda x: x["n"])
         series([x["n"] for x in floor], [x["register_to_all_passing_s"] for x in floor],
-               "Consul's floor: the same registrations PUT by the benchmark", COLORS["floor"], "^")  # fmt: skip
+               "Consul's floor: the same registrations PUT by the benchmark", COLORS["floor"], "^", True, (-8, 2, "right"))  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xlim(0.35, 3000)  # room for the values written left of the floor's points
     plain_log(ax)
     ax.set_xlabel("services on one agent (log scale)")
     ax.set_ylabel("start → all passing (s, log scale)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Start → all services passing in the registry (tether: from starting the process)", fontsize=10)
     footer(fig, res, results_dir, ["scale"])
     return save(fig, out_dir, "start-vs-services.png")
@@ -160,12 +172,17 @@ def idle_footprint(res: dict, results_dir: str, out_dir: str) -> str | None:
             label = f"tether → {'Consul' if backend == 'consul' else 'etcd'}, interval {interval}"
             cpu.plot(ns, c, label=label, **kw)
             rss.plot(ns, m, label=label, **kw)
+            # Values: Consul's above the point, etcd's below; the RSS of the 5 s rows is not written (it sits on the 1 s one's).
+            dy = 5 if backend == "consul" else -11
             for x, y in zip(ns, c):
-                cpu.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(6, -3), fontsize=7, color=color)
-            for x, y in zip(ns, m):
-                rss.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(6, -3), fontsize=7, color=color)
+                cpu.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(8, dy if fill else -3), fontsize=7, color=color)
+            if fill:
+                for x, y in zip(ns, m):
+                    rss.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(8, dy), fontsize=7, color=color)
     for ax in (cpu, rss):
         ax.set_xscale("log")
+        ax.set_xlim(0.6, 3000)  # room for the values written right of the points
+        ax.margins(y=0.12)
         plain_log(ax, "x")
         ax.set_xlabel("services (log scale)")
         ax.grid(True, which="both", alpha=0.3)
@@ -173,7 +190,7 @@ def idle_footprint(res: dict, results_dir: str, out_dir: str) -> str | None:
     plain_log(cpu, "y")
     cpu.set_ylabel("tether idle CPU (% of one core, log scale)")
     rss.set_ylabel("tether RSS idle (MB)")
-    rss.set_ylim(bottom=0)
+    rss.set_ylim(0, rss.get_ylim()[1] * 1.05)
     cpu.legend(loc="upper left", fontsize=7)
     idle = sc.get("idle_s")
     fig.suptitle(f"tether idle: CPU (schedstat) and RSS by number of services (idle windows of {idle:g} s; 60 s for one service, 120 s for Consul at 1,000)", fontsize=9)
