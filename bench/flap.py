@@ -61,7 +61,27 @@ NOT_WRITES = {"heartbeat", "list"}
 # --- consumers -----------------------------------------------------------------
 
 
-class ConsulConsumer:
+class Wakes:
+    """A consumer's wake-ups, `(monotonic time, passing)`, under `cond`."""
+
+    wakes: list[tuple[float, bool]]
+    cond: threading.Condition
+
+    def wait(self, passing: bool, after: float, timeout: float) -> float | None:
+        """When the first wake-up at or after `after` showed `passing`; None after `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for t, p in self.wakes:
+                    if t >= after and p == passing:
+                        return t
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+
+
+class ConsulConsumer(Wakes):
     """A blocking query on /v1/health/service/NAME, as a client runs it: every
     answer whose X-Consul-Index moved is a wake-up, recorded (monotonic time,
     passing) where passing = some instance has all its checks passing."""
@@ -107,19 +127,6 @@ class ConsulConsumer:
                 self.errors.append(str(e))
                 time.sleep(0.05)
 
-    def wait(self, passing: bool, after: float, timeout: float) -> float | None:
-        """When the first wake-up at or after `after` showed `passing`; None after `timeout`."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for t, p in self.wakes:
-                    if t >= after and p == passing:
-                        return t
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(left)
-
     def stop(self) -> None:
         self.stopping = True
         for _ in range(50):
@@ -129,7 +136,7 @@ class ConsulConsumer:
                 break
 
 
-class EtcdConsumer:
+class EtcdConsumer(Wakes):
     """`etcdctl watch KEY`, as grpc-go's resolver watches: every PUT (passing)
     or DELETE event, recorded with its monotonic time."""
 
@@ -149,18 +156,6 @@ class EtcdConsumer:
                 with self.cond:
                     self.wakes.append((time.monotonic(), line == b"PUT"))
                     self.cond.notify_all()
-
-    def wait(self, passing: bool, after: float, timeout: float) -> float | None:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for t, p in self.wakes:
-                    if t >= after and p == passing:
-                        return t
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(left)
 
     @property
     def answers(self) -> int:
