@@ -163,7 +163,7 @@ fn a_flapping_service_on_consul_is_held_out_and_wakes_consumers_rarely() {
     let flappy = GoHealthServer::start();
     let mut steady = GoHealthServer::start();
     let port = free_port();
-    let setup = listening(Setup::consul(&consul, ""), port);
+    let setup = Setup::consul(&consul, "").listening(port);
     setup.write_service("flappy.toml", &service("flappy", flappy.port));
     setup.write_service("steady.toml", &service("steady", steady.port));
     let tether = setup.start();
@@ -250,7 +250,7 @@ fn an_ordinary_restart_is_not_damped() {
     let consul = Consul::start();
     let mut server = GoHealthServer::start();
     let port = free_port();
-    let setup = listening(Setup::consul(&consul, ""), port);
+    let setup = Setup::consul(&consul, "").listening(port);
     setup.write_service("orders.toml", &service("orders", server.port));
     let tether = setup.start();
     consul.wait_health("orders-1", "passing", T);
@@ -271,13 +271,6 @@ fn an_ordinary_restart_is_not_damped() {
     let metrics = metrics_text(port);
     assert!(!metrics.contains("tether_flap_episodes_total{service=\"orders-1\"}"), "{metrics}");
     assert!(!tether.log().contains("flapping"), "{}", tether.log());
-}
-
-/// The setup with its status and metrics listener on `port`.
-fn listening(setup: Setup, port: u16) -> Setup {
-    let config = std::fs::read_to_string(setup.config()).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
-    std::fs::write(setup.config(), config).unwrap();
-    setup
 }
 
 fn status_json(port: u16) -> serde_json::Value {

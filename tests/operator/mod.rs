@@ -14,13 +14,6 @@ fn service(name: &str, port: u16, check: &str) -> String {
     format!("name = \"{name}\"\nid = \"{name}-1\"\naddress = \"127.0.0.1\"\nport = {port}\nttl = \"5s\"\n[check]\ntarget = \"127.0.0.1:{port}\"\n{check}\n")
 }
 
-/// The setup with its status and metrics listener on `port`.
-fn listening(setup: Setup, port: u16) -> Setup {
-    let config = std::fs::read_to_string(setup.config()).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
-    std::fs::write(setup.config(), config).unwrap();
-    setup
-}
-
 fn write_secret(path: &std::path::Path, text: &str) {
     use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("tmp");
@@ -34,7 +27,7 @@ fn poll_mode_behind_an_auth_interceptor_needs_and_gets_its_token() {
     let consul = Consul::start();
     let mut server = GoHealthServer::start_with_auth(TOKEN);
     let port = free_port();
-    let setup = listening(Setup::consul(&consul, ""), port);
+    let setup = Setup::consul(&consul, "").listening(port);
     // Without credentials: critical for ever, and the reason says why.
     setup.write_service("bare.toml", &service("bare", server.port, "mode = \"poll\"\ninterval = \"1s\""));
     // With the token from a file, as `Bearer <token>`.

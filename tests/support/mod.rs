@@ -381,6 +381,13 @@ impl Setup {
         self.dir.path().join("tether.toml")
     }
 
+    /// With its status and metrics listener on `port` (setups start with it off).
+    pub fn listening(self, port: u16) -> Setup {
+        let config = std::fs::read_to_string(self.config()).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+        std::fs::write(self.config(), config).unwrap();
+        self
+    }
+
     pub fn services_dir(&self) -> PathBuf {
         self.dir.path().join("services.d")
     }
