@@ -416,3 +416,27 @@ fn critical_services_are_deregistered_after_deregister_critical_after() {
     eprintln!("tether SIGKILL -> alpha removed by Consul after {:?} (ttl 3s + deregister_critical_after 1m + reaper)", start.elapsed());
     consul.wait_gone("beta", Duration::from_secs(60));
 }
+
+/// Consul 1.8 restoring an agent's state may start a service's alias check
+/// before tether's own service is back; an alias check is looked at again
+/// only when that service's checks change, so it stays critical while
+/// tether's liveness passes. Anti-entropy finds such a check and registers
+/// the service again. Here the stale alias is made by hand: the same check
+/// id, aliasing a service that does not exist.
+#[test]
+fn a_stale_alias_check_is_registered_again() {
+    let consul = Consul::start();
+    let server = HealthServer::start(0, &[]);
+    let setup = Setup::consul(&consul, "anti_entropy_interval = \"1s\"");
+    setup.write_service("a.toml", &service("alpha", server.port, "id = \"alpha\""));
+    let tether = setup.start();
+    consul.wait_health("alpha", "passing", T);
+    // The same notes as tether's (they are part of what it compares): only the status is stale.
+    let notes = consul.checks()["tether-alive:alpha"]["Notes"].clone();
+    let stale = serde_json::json!({"ID": "tether-alive:alpha", "Name": "stale", "Notes": notes, "ServiceID": "alpha", "AliasService": "no-such-service"});
+    consul.put("/v1/agent/check/register", &stale);
+    wait_for(T, "the alias check to be critical", || (consul.check("tether-alive:alpha")?.0 == "critical").then_some(()));
+    wait_for(T, "the alias check passing again", || (consul.check("tether-alive:alpha")?.0 == "passing").then_some(()));
+    assert!(tether.log().contains("alias check is not passing while tether's liveness is"), "{}", tether.log());
+    assert_eq!(consul.services().values().filter(|s| s["Service"] == "alpha").count(), 1, "no duplicate");
+}

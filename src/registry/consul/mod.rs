@@ -183,8 +183,17 @@ impl Consul {
     }
 
     /// This node's services among the agent's, with their checks.
+    ///
+    /// An alias check that is not passing while tether's liveness check, in
+    /// the same read, is: Consul 1.8 restoring an agent's state may start a
+    /// service's alias check before tether's own service is back, and an
+    /// alias check is looked at again only when that service's checks
+    /// change, so it would stay critical for good. Such a record differs
+    /// from what tether wants (its fingerprint is marked), so it is
+    /// registered again, which starts the alias check afresh.
     fn owned_entries(&self, services: HashMap<String, AgentService>, checks: &HashMap<String, AgentCheck>) -> Vec<RemoteEntry> {
         let agent_id = agent_service_id(self.owner());
+        let alive = checks.get(&liveness_check_id(self.owner())).is_some_and(|c| c.status == "passing");
         services
             .into_values()
             .filter(|s| s.id != agent_id && self.view.owned(&s.meta))
@@ -201,6 +210,13 @@ impl Consul {
                     alias.map(|c| c.notes.as_str()),
                     s.weights.map(|w| (w.passing, w.warning)),
                 );
+                let fingerprint = match alias {
+                    Some(a) if alive && a.status != "passing" => {
+                        tracing::info!(service = %s.id, status = %a.status, "its alias check is not passing while tether's liveness is (a Consul agent restored it stale); registering it again");
+                        format!("{fingerprint}|alias {}", a.status)
+                    }
+                    _ => fingerprint,
+                };
                 let maintenance = checks.contains_key(&maintenance_check_id(&s.id));
                 RemoteEntry { id: s.id, name: s.service, fingerprint, health: Some(health), maintenance }
             })
