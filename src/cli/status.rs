@@ -313,23 +313,7 @@ mod tests {
     const PLAIN: Style = Style { colour: false, width: 100 };
 
     fn service(id: &str, health: &str, output: &str) -> ServiceStatus {
-        ServiceStatus {
-            id: id.to_string(),
-            name: id.split('-').next().unwrap().to_string(),
-            file: format!("/etc/tether/services.d/{id}.toml"),
-            health: health.to_string(),
-            output: output.to_string(),
-            since: None,
-            registered: health == "passing",
-            last_write: None,
-            last_heartbeat: None,
-            last_error: None,
-            error_class: None,
-            next_attempt: None,
-            drained: false,
-            flapping: None,
-            last_check_ms: None,
-        }
+        ServiceStatus::example(id, health, output)
     }
 
     /// Seven services, one of each kind of line, seen at `now`.

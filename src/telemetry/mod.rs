@@ -128,23 +128,7 @@ mod tests {
     use super::*;
 
     fn service(id: &str) -> status::ServiceStatus {
-        status::ServiceStatus {
-            id: id.to_string(),
-            name: id.to_string(),
-            file: format!("{id}.toml"),
-            health: "passing".to_string(),
-            output: "SERVING".to_string(),
-            since: None,
-            registered: true,
-            last_write: None,
-            last_heartbeat: None,
-            last_error: None,
-            error_class: None,
-            next_attempt: None,
-            drained: false,
-            flapping: None,
-            last_check_ms: None,
-        }
+        status::ServiceStatus::example(id, "passing", "SERVING")
     }
 
     fn last_check(t: &Telemetry, id: &str) -> Option<f64> {

@@ -78,6 +78,31 @@ pub struct Flapping {
     pub until: Option<String>,
 }
 
+impl ServiceStatus {
+    /// A service `id` (of the service named by the part before its first
+    /// `-`) with this health and output, as a fresh status shows it; for tests.
+    #[cfg(test)]
+    pub(crate) fn example(id: &str, health: &str, output: &str) -> Self {
+        ServiceStatus {
+            id: id.to_string(),
+            name: id.split('-').next().unwrap_or(id).to_string(),
+            file: format!("/etc/tether/services.d/{id}.toml"),
+            health: health.to_string(),
+            output: output.to_string(),
+            since: None,
+            registered: health == "passing",
+            last_write: None,
+            last_heartbeat: None,
+            last_error: None,
+            error_class: None,
+            next_attempt: None,
+            drained: false,
+            flapping: None,
+            last_check_ms: None,
+        }
+    }
+}
+
 impl Snapshot {
     pub fn new(node: &str, backend: &str, endpoint: &str) -> Self {
         Snapshot {

@@ -35,6 +35,9 @@ impl<V: View> Core<V> {
             } else if entry.flap.episode.is_some() {
                 m.flap_suppressed.get_or_create(&Metrics::service(&id)).inc();
             }
+            if let Some(t) = entry.flap.episode.as_ref().and_then(|ep| ep.ends_at()) {
+                self.timers.push(Reverse((t, id.clone())));
+            }
         }
         // One line per change, except while flapping: the episode's two lines say it.
         match (status, entry.flap.episode.is_some()) {
@@ -42,11 +45,6 @@ impl<V: View> Core<V> {
             (Status::Passing, false) => tracing::info!(service = %id, output = %change.health.output, "health: passing"),
             (Status::Critical, false) => tracing::warn!(service = %id, output = %change.health.output, "health: critical"),
             (Status::Warning, false) => tracing::warn!(service = %id, output = %change.health.output, "health: warning"),
-        }
-        if was.is_some_and(|w| w != status) {
-            if let Some(t) = entry.flap.episode.as_ref().and_then(|ep| ep.ends_at()) {
-                self.timers.push(Reverse((t, id.clone())));
-            }
         }
         if was.is_none() {
             self.undecided -= 1;
@@ -61,7 +59,8 @@ impl<V: View> Core<V> {
     pub(super) fn settle_flap(&mut self, id: &str, now: Instant) {
         let Some(entry) = self.entries.get_mut(id) else { return };
         let Some(ep) = entry.flap.settle(&entry.spec.damping, now) else { return };
-        let served = ep.ends_at().map(|t| humantime::format_duration(t.duration_since(ep.serving_since.unwrap_or(t))).to_string());
+        // SERVING for the whole hold, unless damping was turned off first.
+        let served = ep.serving_since.map(|_| humantime::format_duration(ep.hold).to_string());
         tracing::info!(service = %id, lasted = %super::damping::round(now.duration_since(ep.started)), suppressed = ep.suppressed,
             serving_for = served.as_deref().unwrap_or("-"), "flapping ended");
         self.metrics.metrics.service_flapping.get_or_create(&Metrics::service(id)).set(0);
@@ -72,8 +71,8 @@ impl<V: View> Core<V> {
     /// registry is told: a flapping service counts as critical throughout.
     fn track_critical(&mut self, id: &str, now: Instant) {
         let Some(entry) = self.entries.get_mut(id) else { return };
-        let critical = effective(entry, now).is_some_and(|h| h.status == Status::Critical);
-        match (critical, entry.critical_since) {
+        let status = effective(entry, now).map(|h| h.status);
+        match (status == Some(Status::Critical), entry.critical_since) {
             (true, None) => {
                 entry.critical_since = Some(now);
                 self.timers.push(Reverse((now + entry.spec.deregister_critical_after, id.to_string())));
@@ -81,7 +80,7 @@ impl<V: View> Core<V> {
             (false, Some(_)) => entry.critical_since = None,
             _ => {}
         }
-        let value = match effective(entry, now).map(|h| h.status) {
+        let value = match status {
             None => -1,
             Some(Status::Critical) => 0,
             Some(Status::Passing) => 1,
