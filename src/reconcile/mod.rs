@@ -38,7 +38,7 @@ use crate::telemetry::{systemd, Telemetry};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -76,7 +76,7 @@ pub struct Reconciler<R: Registry> {
     probe_tokens: HashMap<String, CancellationToken>,
     connections: Connections,
     /// The drained set, persisted by its own task (off the loop).
-    drains: Option<(watch::Sender<BTreeSet<String>>, JoinHandle<()>)>,
+    drains: Option<(mpsc::UnboundedSender<KeepDrains>, JoinHandle<()>)>,
     /// Requests from the control socket (drain, undrain).
     control: Option<mpsc::Receiver<control::Command>>,
     /// Off in unit tests, which feed health changes themselves.
@@ -140,7 +140,7 @@ impl<R: Registry> Reconciler<R> {
     pub fn with_control(mut self, commands: mpsc::Receiver<control::Command>, drains: DrainFile) -> Self {
         let kept = drains.ids().clone();
         self.core.keep_drains(kept.clone());
-        let (tx, rx) = watch::channel(kept);
+        let (tx, rx) = mpsc::unbounded_channel();
         self.drains = Some((tx, tokio::spawn(persist_drains(drains, rx))));
         self.control = Some(commands);
         self
@@ -187,7 +187,16 @@ impl<R: Registry> Reconciler<R> {
                 Some(heartbeat::Failed(e)) = self.lane_failed.recv() => self.core.heartbeat_failed(e, Instant::now()),
                 Some(command) = recv(&mut self.control) => {
                     let response = self.core.control(&command.request, Instant::now());
-                    let _ = command.reply.send(response);
+                    // A drain or undrain is answered once it is on disk, so
+                    // that a crash right after the answer keeps it.
+                    match (self.core.out.drains.take(), &self.drains) {
+                        (Some(ids), Some((tx, _))) => {
+                            if let Err(mpsc::error::SendError(keep)) = tx.send(KeepDrains { ids, reply: Some((command.reply, response)) }) {
+                                keep.answer();
+                            }
+                        }
+                        _ => { let _ = command.reply.send(response); }
+                    }
                 }
                 _ = sleep_until(deadline), if deadline < tick => self.core.fire(Instant::now()),
                 _ = sleep_until(self.next_credentials_check), if refused => self.check_credentials(),
@@ -244,7 +253,7 @@ impl<R: Registry> Reconciler<R> {
             self.telemetry.set_service(&id, self.core.status(&id, now, wall));
         }
         if let (Some(ids), Some((tx, _))) = (drains, &self.drains) {
-            tx.send_replace(ids);
+            let _ = tx.send(KeepDrains { ids, reply: None });
         }
         if let Some(agent) = lane_agent {
             self.lane_agent.send_replace(Some(agent));
@@ -355,18 +364,39 @@ impl<R: Registry> Reconciler<R> {
     }
 }
 
-/// Keep the drained set on disk, off the reconciler's loop: each change is
-/// written once (a temporary file renamed), on the blocking pool.
-async fn persist_drains(mut file: DrainFile, mut rx: watch::Receiver<BTreeSet<String>>) {
-    while rx.changed().await.is_ok() {
-        let ids = rx.borrow_and_update().clone();
+/// A new drained set for the disk, with the control request to answer once
+/// it is there.
+struct KeepDrains {
+    ids: BTreeSet<String>,
+    reply: Option<(oneshot::Sender<control::Response>, control::Response)>,
+}
+
+impl KeepDrains {
+    fn answer(self) {
+        if let Some((reply, response)) = self.reply {
+            let _ = reply.send(response);
+        }
+    }
+}
+
+/// Keep the drained set on disk, off the reconciler's loop: the latest of the
+/// changes waiting is written once (a temporary file renamed), on the
+/// blocking pool, and then the requests that made them are answered.
+async fn persist_drains(mut file: DrainFile, mut rx: mpsc::UnboundedReceiver<KeepDrains>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiting = vec![first];
+        while let Ok(next) = rx.try_recv() {
+            waiting.push(next);
+        }
+        let ids = waiting.last().map(|k| k.ids.clone()).unwrap_or_default();
         file.replace(ids);
-        file = match tokio::task::spawn_blocking(move || {
+        let saved = tokio::task::spawn_blocking(move || {
             file.save();
             file
         })
-        .await
-        {
+        .await;
+        waiting.into_iter().for_each(KeepDrains::answer);
+        file = match saved {
             Ok(f) => f,
             Err(_) => return,
         };

@@ -440,3 +440,35 @@ async fn an_unreachable_registry_is_re_read_then_the_write_retried() {
     assert!(mem.state().refused.is_empty());
     h.stop().await;
 }
+
+/// `tether drain` is answered only once the drain is on disk: a crash right
+/// after the answer (a SIGKILL, as a test or an OOM kill sends) keeps it.
+#[tokio::test]
+async fn a_drain_is_on_disk_when_it_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node-a.drained");
+    let mem = Memory::default();
+    let telemetry = Arc::new(Telemetry::new("node-a", "memory", "memory"));
+    let mut r = Reconciler::new(mem.clone(), "node-a", false, telemetry).expect("reconciler");
+    r.probing = false;
+    let (commands, commands_rx) = mpsc::channel(4);
+    let r = r.with_control(commands_rx, DrainFile::load(path.clone()));
+    let (desired, desired_rx) = mpsc::channel(4);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(r.run(desired_rx, shutdown.clone()));
+    desired.send(["s0", "s1"].iter().map(|id| (id.to_string(), spec(id, Duration::from_secs(15)))).collect()).await.unwrap();
+    for (request, drained) in [
+        (control::Request::Drain { ids: vec!["s0".into()], all: false }, vec!["s0"]),
+        (control::Request::Drain { ids: vec![], all: true }, vec!["s0", "s1"]),
+        (control::Request::Undrain { ids: vec!["s0".into()], all: false }, vec!["s1"]),
+    ] {
+        let (reply, answer) = oneshot::channel();
+        commands.send(control::Command { request: request.clone(), reply }).await.unwrap();
+        let response = answer.await.unwrap();
+        assert_eq!(response.error, None, "{request:?}");
+        let on_disk: BTreeSet<String> = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(on_disk, drained.into_iter().map(String::from).collect(), "on disk when {request:?} was answered");
+    }
+    shutdown.cancel();
+    task.await.unwrap();
+}
