@@ -2,6 +2,7 @@
 
 use super::error::ConfigError;
 use std::path::Path;
+use std::time::SystemTime;
 
 /// Largest service file tether reads; anything bigger is a mistake.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -44,4 +45,52 @@ pub fn read_file(path: &Path) -> Result<String, ConfigError> {
             "write the file as UTF-8 TOML",
         )
     })
+}
+
+/// What tells that a file tether re-reads changed (a credential, a TLS file,
+/// a token rotated in place or replaced by a rename): its modification time,
+/// size and inode. The one way every re-read file is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    /// The file as it is now.
+    pub fn read(path: &Path) -> std::io::Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp { modified: m.modified().ok(), len: m.len(), inode: m.ino() })
+    }
+
+    /// The file as it is now; `None` when it cannot be looked at.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        Self::read(path).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileStamp;
+
+    #[test]
+    fn a_file_stamp_changes_with_the_content_and_with_a_rename_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        assert_eq!(FileStamp::of(&path), None, "no file");
+        std::fs::write(&path, "one").unwrap();
+        let first = FileStamp::of(&path).unwrap();
+        assert_eq!(FileStamp::of(&path), Some(first), "unchanged");
+        std::fs::write(&path, "longer").unwrap();
+        let second = FileStamp::of(&path).unwrap();
+        assert_ne!(second, first, "new content of another size");
+        // Same size, written elsewhere and renamed over it (within the same
+        // mtime tick, possibly): the inode tells.
+        let tmp = dir.path().join("token.new");
+        std::fs::write(&tmp, "LONGER").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert_ne!(FileStamp::of(&path).unwrap(), second, "replaced by a rename");
+    }
 }

@@ -1,8 +1,8 @@
 //! TLS settings shared by the Consul, etcd and gRPC health clients.
 
 use super::error::ConfigError;
+use super::file::FileStamp;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 /// PEM files for a TLS client. An empty value means plaintext (unless the
 /// URL says https, then the system's roots are used).
@@ -66,12 +66,9 @@ impl TlsConfig {
         Ok(TlsPem { ca, identity })
     }
 
-    /// Modification times of the files, to notice rotation.
+    /// The files as they are now, to notice rotation.
     pub fn stamp(&self) -> Stamp {
-        [&self.ca_file, &self.cert_file, &self.key_file]
-            .iter()
-            .map(|p| p.as_ref().and_then(|p| std::fs::metadata(p).ok()).and_then(|m| m.modified().ok()))
-            .collect()
+        [&self.ca_file, &self.cert_file, &self.key_file].iter().map(|p| p.as_deref().and_then(FileStamp::of)).collect()
     }
 }
 
@@ -97,11 +94,11 @@ impl TlsConfig {
     }
 }
 
-/// Modification times of a [`TlsConfig`]'s files.
-pub type Stamp = Vec<Option<SystemTime>>;
+/// A [`TlsConfig`]'s files as they were ([`FileStamp`] each).
+pub type Stamp = Vec<Option<FileStamp>>;
 
 /// The one place that notices rotated TLS files: remembers the files'
-/// modification times when a client was built from them.
+/// stamps when a client was built from them.
 #[derive(Debug, Clone)]
 pub struct Rotation {
     stamp: Stamp,

@@ -4,11 +4,11 @@
 //! the file changes, so a rotated token needs no restart. A file's content
 //! is never logged, nor shown in status, metrics or the registry.
 
+use crate::config::file::FileStamp;
 use crate::config::MetadataSource;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 
 #[derive(Clone, Default)]
@@ -18,17 +18,7 @@ pub struct Metadata {
 
 enum Source {
     Value(AsciiMetadataValue),
-    File { path: PathBuf, cache: Mutex<Option<(Stamp, AsciiMetadataValue)>> },
-}
-
-/// What tells a file changed: modification time, size and inode.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp(Option<SystemTime>, u64, u64);
-
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok(Stamp(m.modified().ok(), m.len(), m.ino()))
+    File { path: PathBuf, cache: Mutex<Option<(FileStamp, AsciiMetadataValue)>> },
 }
 
 impl Metadata {
@@ -70,8 +60,8 @@ impl Metadata {
 }
 
 /// A file's value, read again only when the file changed.
-fn read(path: &Path, cache: &Mutex<Option<(Stamp, AsciiMetadataValue)>>) -> Result<AsciiMetadataValue, String> {
-    let now = stamp(path).map_err(|e| format!("cannot read it ({e})"))?;
+fn read(path: &Path, cache: &Mutex<Option<(FileStamp, AsciiMetadataValue)>>) -> Result<AsciiMetadataValue, String> {
+    let now = FileStamp::read(path).map_err(|e| format!("cannot read it ({e})"))?;
     let mut cached = crate::backoff::lock(cache);
     if let Some((s, v)) = cached.as_ref() {
         if *s == now {

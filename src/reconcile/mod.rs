@@ -28,6 +28,7 @@ mod tests;
 pub mod writer;
 
 use self::core::{Core, Outbox, ProbeChange};
+use crate::config::file::FileStamp;
 use crate::config::ServiceSpec;
 use crate::control::{self, DrainFile};
 use crate::health::conn::Connections;
@@ -84,9 +85,9 @@ pub struct Reconciler<R: Registry> {
     telemetry: Arc<Telemetry>,
     watchdog_every: Option<Duration>,
     next_watchdog: Instant,
-    /// Modification times of the backend's credential files, looked at every
+    /// The backend's credential files as they were ([`FileStamp`]), looked at every
     /// [`CREDENTIALS_EVERY`] while the registry refuses some service's writes.
-    credentials: Vec<Option<SystemTime>>,
+    credentials: Vec<Option<FileStamp>>,
     next_credentials_check: Instant,
 }
 
@@ -303,8 +304,7 @@ impl<R: Registry> Reconciler<R> {
     /// look only notes the files as they are.
     fn check_credentials(&mut self) {
         self.next_credentials_check = Instant::now() + CREDENTIALS_EVERY;
-        let now: Vec<Option<SystemTime>> =
-            self.view.credential_files().iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect();
+        let now: Vec<Option<FileStamp>> = self.view.credential_files().iter().map(|p| FileStamp::of(p)).collect();
         if self.credentials.is_empty() {
             self.credentials = now;
             return;

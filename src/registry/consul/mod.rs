@@ -22,13 +22,14 @@ pub mod client;
 use super::{AgentInfo, ErrorClass, ErrorKind, Heartbeat, Outcome, Registry, RegistryError, RemoteEntry, Result, View, Write};
 use crate::config::agent::read_secret;
 use crate::config::duration::go;
+use crate::config::file::FileStamp;
 use crate::config::tls::{Rotation, TlsConfig};
 use crate::config::{Owner, ServiceSpec};
 use crate::health::{Health, Status};
 use client::{AgentCheck, AgentService, CheckDefinition, ConsulClient, ConsulError, ServiceRegistration};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// TTL of a service's critical health check: it is critical anyway, and
 /// tether dying is caught by the alias of its liveness check, so this TTL
@@ -70,7 +71,7 @@ struct Session {
     tls: TlsConfig,
     rotation: Rotation,
     token_file: Option<PathBuf>,
-    token_stamp: Option<(SystemTime, u64)>,
+    token_stamp: Option<FileStamp>,
 }
 
 impl Session {
@@ -98,7 +99,7 @@ impl Session {
             self.rotation = rotation;
         }
         let Some(path) = &self.token_file else { return Ok(()) };
-        let stamp = std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+        let stamp = FileStamp::of(path);
         if stamp.is_none() || stamp == self.token_stamp {
             return Ok(());
         }
