@@ -390,38 +390,40 @@ fn check(c: Section, port: u16, path: &Path, errs: &mut Errors) -> CheckSpec {
     let fall = threshold("fall");
     let service = c.string("service", errs).map(|s| s.value).unwrap_or_default();
 
+    // One name space: header names are case-insensitive, and a name is set
+    // in [check.metadata] or [check.metadata_files], once.
     let mut metadata = BTreeMap::new();
-    for (k, v) in c.string_map("metadata", errs) {
-        let key = match metadata_key(&k.value) {
-            Ok(key) => key,
-            Err((msg, hint)) => {
-                errs.at(k.span, msg, hint);
+    for (table, from_file) in [("metadata", false), ("metadata_files", true)] {
+        for (k, v) in c.string_map(table, errs) {
+            let key = match metadata_key(&k.value) {
+                Ok(key) => key,
+                Err((msg, hint)) => {
+                    errs.at(k.span, msg, hint);
+                    continue;
+                }
+            };
+            if metadata.contains_key(&key) {
+                errs.at(
+                    k.span,
+                    format!("metadata {key:?} is set more than once in [check.metadata] and [check.metadata_files]"),
+                    "keep one (header names are case-insensitive)",
+                );
                 continue;
             }
-        };
-        if !v.value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            errs.at(
-                v.span,
-                format!("metadata value for {key:?} has characters other than printable ASCII"),
-                "gRPC metadata values are printable ASCII",
-            );
-            continue;
-        }
-        metadata.insert(key, MetadataSource::Value(v.value));
-    }
-    for (k, v) in c.string_map("metadata_files", errs) {
-        let key = match metadata_key(&k.value) {
-            Ok(key) => key,
-            Err((msg, hint)) => {
-                errs.at(k.span, msg, hint);
+            let source = if from_file {
+                MetadataSource::File(secret_path(Path::new(&v.value), path))
+            } else if v.value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                MetadataSource::Value(v.value)
+            } else {
+                errs.at(
+                    v.span,
+                    format!("metadata value for {key:?} has characters other than printable ASCII"),
+                    "gRPC metadata values are printable ASCII",
+                );
                 continue;
-            }
-        };
-        if metadata.contains_key(&key) {
-            errs.at(k.span, format!("metadata {key:?} is set in both [check.metadata] and [check.metadata_files]"), "keep one");
-            continue;
+            };
+            metadata.insert(key, source);
         }
-        metadata.insert(key, MetadataSource::File(secret_path(Path::new(&v.value), path)));
     }
     let authority = c.string("authority", errs).map(|a| {
         let s = a.value.trim();

@@ -182,6 +182,19 @@ fn check_metadata_and_authority() {
 }
 
 #[test]
+fn a_metadata_name_is_set_once_whatever_its_case_and_table() {
+    let e = parse_str(
+        "name = \"a\"\nport = 1\n[check.metadata]\nAuthorization = \"x\"\nauthorization = \"y\"\n[check.metadata_files]\nAUTHORIZATION = \"/run/t\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    let lines: Vec<&str> = e.lines().filter(|l| l.contains("is set more than once")).collect();
+    assert_eq!(lines.len(), 2, "{e}");
+    assert!(lines[0].contains(":5:1: metadata \"authorization\""), "{e}");
+    assert!(lines[1].contains(":7:1: metadata \"authorization\""), "{e}");
+}
+
+#[test]
 fn metadata_files_are_found_in_the_credentials_directory_first() {
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("orders.token"), "Bearer x").unwrap();
