@@ -12,9 +12,10 @@
 #     `etcd-server`, `etcd-client`), unpacked into the git-ignored .tools/ folder
 #     without touching the system's apt configuration;
 #   - a Python venv at .tools/venv with grpcio and grpcio-health-checking
-#     (PyPI, pinned): the reference Python health servicer the tests run
-#     (tests/python/health_server.py); and matplotlib (PyPI, pinned), which
-#     draws the benchmark's plots (bench/plots.py, run by scripts/bench.sh);
+#     (PyPI): the reference Python health servicer the tests run
+#     (tests/python/health_server.py); and matplotlib (PyPI), which draws the
+#     benchmark's plots (bench/plots.py, run by scripts/bench.sh); all pinned,
+#     with what they pull in, by scripts/requirements.txt;
 #   - promtool, from Debian's `prometheus` package, unpacked into .tools/ (the
 #     alert rules' check, tests/ops/dashboard.rs).
 # Afterwards: .tools/bin/{consul,etcd,etcdctl,promtool}, `go` and .tools/venv/bin/python exist.
@@ -65,20 +66,13 @@ if [ "$(cargo deb --version 2>/dev/null | awk '{ print $NF }')" != "$cargo_deb_v
 fi
 
 # --- Python grpcio and matplotlib (PyPI, pinned) in a private venv -----------
-# grpcio and grpcio-health-checking are released together: keep them equal.
-grpcio_version=1.85.1
-protobuf_version=7.36.2
-matplotlib_version=3.11.2
+# scripts/requirements.txt pins them and everything they pull in; the venv
+# keeps a copy of the file it was built from, and is rebuilt when they differ.
+requirements="$root/scripts/requirements.txt"
 venv="$tools/venv"
 venv_ok() {
-    [ -x "$venv/bin/python" ] && "$venv/bin/python" - "$grpcio_version" "$matplotlib_version" <<'PY' >/dev/null 2>&1
-import sys
-from importlib.metadata import version
-import grpc, grpc_health.v1.health
-import matplotlib
-assert version("grpcio") == version("grpcio-health-checking") == sys.argv[1]
-assert version("matplotlib") == sys.argv[2]
-PY
+    [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$venv/requirements.txt" &&
+        "$venv/bin/python" -c 'import grpc, grpc_health.v1.health, matplotlib' >/dev/null 2>&1
 }
 if ! venv_ok; then
     if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -86,12 +80,11 @@ if ! venv_ok; then
         sudo_if_needed apt-get update -qq
         sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
     fi
-    log "creating $venv with grpcio $grpcio_version, grpcio-health-checking $grpcio_version and matplotlib $matplotlib_version (pip)"
+    log "creating $venv from scripts/requirements.txt (grpcio, grpcio-health-checking, matplotlib; pip)"
     python3 -m venv --clear "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "grpcio==$grpcio_version" "grpcio-health-checking==$grpcio_version" "protobuf==$protobuf_version" \
-        "matplotlib==$matplotlib_version"
-    venv_ok || { log "$venv/bin/python cannot import grpc, grpc_health at $grpcio_version and matplotlib at $matplotlib_version"; exit 1; }
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$venv/requirements.txt"
+    venv_ok || { log "$venv/bin/python cannot import grpc, grpc_health and matplotlib from scripts/requirements.txt"; exit 1; }
 fi
 
 # --- promtool (Debian's `prometheus`), privately ------------------------------
