@@ -12,7 +12,7 @@ use crate::config::{agent, AgentConfig, BackendConfig, ServiceSpec};
 use crate::reconcile::Reconciler;
 use crate::registry::consul::Consul;
 use crate::registry::etcd::Etcd;
-use crate::registry::Registry;
+use crate::registry::{ErrorClass, Registry};
 use crate::telemetry::{http, systemd, Telemetry};
 use crate::{control, identity};
 use anyhow::Context;
@@ -81,7 +81,11 @@ impl Pipeline<'_> {
             Ok(None) => {}
             Ok(Some(why)) => return Err(identity::refusal(config, &why)),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot look for another agent with this identity in the registry (unreachable?); starting anyway")
+                let why = match e.kind.class() {
+                    ErrorClass::Transient => "it is unreachable",
+                    ErrorClass::Permanent => "it refused the read: the token may not read this agent's services and checks",
+                };
+                tracing::warn!(error = %e, "cannot look for another agent with this identity in the registry ({why}); starting anyway")
             }
         }
         let (control_tx, control_rx) = mpsc::channel(16);

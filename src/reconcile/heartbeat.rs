@@ -5,7 +5,8 @@
 //! It beats every `ttl/3` once the reconciler has made sure tether's own
 //! presence exists (and again whenever that changes). A beat that comes more
 //! than half a period late is logged and counted
-//! (`tether_heartbeat_late_total`); a failed one is reported to the
+//! (`tether_heartbeat_late_total`; not the first success after failures,
+//! which were reported as they came); a failed one is reported to the
 //! reconciler, which re-reads the registry (it may have lost tether's records)
 //! while the lane retries with a capped, jittered backoff.
 
@@ -75,15 +76,14 @@ pub async fn run<H: Heartbeat>(
         match result {
             Ok(()) => {
                 let now = Instant::now();
-                if let Some(prev) = last_ok {
-                    let gap = now - prev;
-                    if gap > every + every / 2 {
-                        m.heartbeat_late.inc();
-                        tracing::warn!(gap = ?gap, period = ?every, "liveness heartbeat late");
-                    }
-                }
+                let gap = last_ok.map(|prev| now - prev);
                 if retry.is_retrying() {
-                    tracing::info!("liveness heartbeat succeeds again");
+                    // Not late: the failures were reported (and counted as
+                    // registry errors) as they came.
+                    tracing::info!(since_last_success = ?gap, "liveness heartbeat succeeds again");
+                } else if let Some(gap) = gap.filter(|gap| *gap > every + every / 2) {
+                    m.heartbeat_late.inc();
+                    tracing::warn!(gap = ?gap, period = ?every, "liveness heartbeat late");
                 }
                 retry.reset();
                 last_ok = Some(now);
@@ -100,5 +100,72 @@ pub async fn run<H: Heartbeat>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ErrorKind;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct State {
+        /// Fail every beat.
+        down: bool,
+        /// Hold the next beat this long.
+        hold: Duration,
+        beats: usize,
+    }
+
+    struct Lane(Arc<Mutex<State>>);
+
+    impl Heartbeat for Lane {
+        async fn beat(&mut self) -> crate::registry::Result<()> {
+            let (down, hold) = {
+                let mut s = self.0.lock().unwrap();
+                s.beats += 1;
+                (s.down, std::mem::take(&mut s.hold))
+            };
+            tokio::time::sleep(hold).await;
+            if down {
+                return Err(RegistryError::new(ErrorKind::Unavailable, "connection refused"));
+            }
+            Ok(())
+        }
+    }
+
+    /// A registry away for a while is reported as failures, not counted as a
+    /// late heartbeat when it is back; a beat held up is counted.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_beat_after_failures_is_not_late_and_a_held_beat_is() {
+        let state = Arc::new(Mutex::new(State::default()));
+        let telemetry = Arc::new(Telemetry::new("node-a", "memory", "memory"));
+        let (agent_tx, agent) = watch::channel(None);
+        let (failures_tx, mut failures) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(Lane(state.clone()), agent, failures_tx, telemetry.clone(), cancel.clone()));
+        let every = Duration::from_secs(1);
+        agent_tx.send_replace(Some(AgentInfo { node: "node-a".into(), ttl: every * 3, deregister_after: Duration::from_secs(60) }));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        state.lock().unwrap().down = true;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        state.lock().unwrap().down = false;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut failed = 0;
+        while failures.try_recv().is_ok() {
+            failed += 1;
+        }
+        assert!(failed >= 5, "the failures were reported: {failed}");
+        assert_eq!(telemetry.metrics.heartbeat_late.get(), 0, "the beat after the failures is not late");
+        let beats = state.lock().unwrap().beats;
+        assert!(beats >= 20, "beats went on after the registry came back: {beats}");
+
+        // A slow registry holds one beat for two periods: that one is late.
+        state.lock().unwrap().hold = every * 2;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(telemetry.metrics.heartbeat_late.get(), 1, "a held beat is late");
+        cancel.cancel();
+        task.await.unwrap();
     }
 }
