@@ -186,25 +186,30 @@ impl<R: Registry> Reconciler<R> {
                 Some(change) = self.health_rx.recv() => self.core.health(change, Instant::now()),
                 Some(set) = desired.recv() => self.core.desired_set(set, Instant::now()),
                 Some(heartbeat::Failed(e)) = self.lane_failed.recv() => self.core.heartbeat_failed(e, Instant::now()),
-                Some(command) = recv(&mut self.control) => {
-                    let response = self.core.control(&command.request, Instant::now());
-                    // A drain or undrain is answered once it is on disk, so
-                    // that a crash right after the answer keeps it.
-                    match (self.core.out.drains.take(), &self.drains) {
-                        (Some(ids), Some((tx, _))) => {
-                            if let Err(mpsc::error::SendError(keep)) = tx.send(KeepDrains { ids, reply: Some((command.reply, response)) }) {
-                                keep.answer();
-                            }
-                        }
-                        _ => { let _ = command.reply.send(response); }
-                    }
-                }
+                Some(command) = recv(&mut self.control) => self.on_control(command),
                 _ = sleep_until(deadline), if deadline < tick => self.core.fire(Instant::now()),
                 _ = sleep_until(self.next_credentials_check), if refused => self.check_credentials(),
                 _ = sleep_until(tick) => self.core.fire(Instant::now()),
             }
         }
         self.shutdown().await;
+    }
+
+    /// A drain, undrain or state request. A drain or undrain is answered
+    /// once the drained set is on disk, so that a crash right after the
+    /// answer keeps it.
+    fn on_control(&mut self, command: control::Command) {
+        let response = self.core.control(&command.request, Instant::now());
+        match (self.core.out.drains.take(), &self.drains) {
+            (Some(ids), Some((tx, _))) => {
+                if let Err(mpsc::error::SendError(keep)) = tx.send(KeepDrains { ids, reply: Some((command.reply, response)) }) {
+                    keep.answer();
+                }
+            }
+            _ => {
+                let _ = command.reply.send(response);
+            }
+        }
     }
 
     /// Marks the loop alive, and pings systemd's watchdog when due.
