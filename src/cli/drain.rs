@@ -39,8 +39,7 @@ pub(super) fn drain(t: DrainTarget, on: bool) -> ExitCode {
     let config = match agent::load_as(&path, t.instance.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tether: {e}");
-            return ExitCode::from(1);
+            return super::fail(e);
         }
     };
     let socket = config.control_socket();
@@ -50,13 +49,11 @@ pub(super) fn drain(t: DrainTarget, on: bool) -> ExitCode {
     let answer = match request(&socket, &req) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("tether: {e}");
-            return ExitCode::from(1);
+            return super::fail(e);
         }
     };
     if let Some(e) = answer.error {
-        eprintln!("tether: {e}");
-        return ExitCode::from(1);
+        return super::fail(e);
     }
     let ids: Vec<String> = answer.services.iter().map(|s| s.id.clone()).collect();
     if !t.wait {
@@ -75,17 +72,16 @@ pub(super) fn drain(t: DrainTarget, on: bool) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             Ok(r) if r.error.is_some() => {
-                eprintln!("tether: {}", r.error.unwrap_or_default());
+                eprintln!("error: {}", r.error.unwrap_or_default());
                 return ExitCode::from(1);
             }
             Ok(_) => {}
             Err(e) => {
-                eprintln!("tether: {e}");
-                return ExitCode::from(1);
+                return super::fail(e);
             }
         }
         if std::time::Instant::now() >= deadline {
-            eprintln!("tether: the registry does not show it yet after {}; see `tether status`", humantime::format_duration(t.timeout));
+            eprintln!("error: the registry does not show it yet after {}; see `tether status`", humantime::format_duration(t.timeout));
             return ExitCode::from(1);
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -139,6 +139,16 @@ pub fn main() -> ExitCode {
 }
 
 /// The whole command-line definition (for the man pages and completions).
+/// Tell the user what went wrong: each line of `e` (one error per line, as
+/// configuration errors come) under `error: `, as `tether validate` prints
+/// them; the caller exits 1.
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    for line in e.to_string().lines() {
+        eprintln!("error: {line}");
+    }
+    ExitCode::from(1)
+}
+
 pub fn command() -> clap::Command {
     Cli::command().mut_subcommand("validate", |c| c.after_long_help(crate::config::keys_help()))
 }

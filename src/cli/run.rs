@@ -20,16 +20,14 @@ pub(super) fn run(config: &Path, log_format: LogFormat, instance: Option<&str>, 
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("tether: {e}");
-            return ExitCode::from(1);
+            return super::fail(e);
         }
     };
     match runtime.block_on(crate::app::run(config, CancellationToken::new())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("tether: {e:#}");
-            ExitCode::from(1)
+            super::fail(format!("{e:#}"))
         }
     }
 }

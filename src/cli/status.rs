@@ -26,10 +26,7 @@ const MIN_ERROR_WIDTH: usize = 30;
 pub(super) async fn status(config: &std::path::Path, json: bool) -> ExitCode {
     let cfg = match agent::load(config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return super::fail(e),
     };
     let Some(mut addr) = cfg.listen else {
         eprintln!("error: {}: listen is \"\", so the agent serves no status; set listen = \"127.0.0.1:9469\"", config.display());

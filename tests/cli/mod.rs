@@ -132,6 +132,20 @@ fn validate_reports_every_mistake_in_a_file() {
         ];
         assert_eq!(out.lines().collect::<Vec<_>>(), expected, "{args:?}: {out}");
     }
+    // Every command that reads the agent's file says each of them the same way.
+    let both = &[
+        format!("error: {cfg}:3:1: unknown field `address`; did you mean `address` in [consul]?"),
+        format!("error: {cfg}:5:1: unknown field `token_flie` in [consul]; did you mean `token_file`?"),
+    ];
+    for args in [&["status", "--config", cfg][..], &["drain", "--all", "--config", cfg]] {
+        let (code, out) = run(args);
+        assert_eq!(code, 1, "{out}");
+        assert_eq!(out.lines().collect::<Vec<_>>(), both, "{args:?}: {out}");
+    }
+    let (code, out) = run(&["run", "--config", cfg]);
+    assert_eq!(code, 1, "{out}");
+    let said: Vec<&str> = out.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(said, both, "run: {out}");
 }
 
 /// The README's from-source step for the man pages (the units say
