@@ -4,6 +4,7 @@ the single-service footprint. Python 3.11 standard library only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import threading
@@ -158,11 +159,13 @@ def floor_critical_check(sid: str, port: int) -> dict:
     }  # fmt: skip
 
 
-def consul_registration_floor(consul, n: int) -> dict:
-    """Consul's floor for registering n services alone (no idle window, no
-    flips; for the small counts beside consul_floor's 1,000): the same PUTs,
-    sequentially on one keep-alive connection, timed until the catalog shows
-    all n passing (polled every 10 ms), then deregistered."""
+@contextlib.contextmanager
+def floor_registrations(consul, n: int, poll: float):
+    """n registrations as tether makes them (and the one liveness service
+    their alias checks follow), PUT sequentially on one keep-alive
+    connection and timed until the catalog shows all n passing (polled every
+    `poll` s). Yields (ids, seconds of PUTs, seconds to all passing); all
+    are deregistered afterwards."""
     h = consul.http
     live = "floor-live"
     live_reg = {"ID": live, "Name": "floor-live", "Checks": [{"CheckID": "floor-liveness", "Name": "liveness", "TTL": "10m", "Status": "passing"}]}
@@ -173,34 +176,30 @@ def consul_registration_floor(consul, n: int) -> dict:
         for sid in ids:
             h.json("PUT", "/v1/agent/service/register?replace-existing-checks=true", floor_registration(sid, 50000, live))
         t_put = time.monotonic() - t0
-        wait_until(lambda: consul_all_passing(consul, "floor", n), 120, 0.01, f"floor: {n} passing")
+        wait_until(lambda: consul_all_passing(consul, "floor", n), 120, poll, f"floor: {n} passing")
         t_all = time.monotonic() - t0
         log(f"floor: {n} registrations PUT in {t_put:.3f} s, all passing in the catalog after {t_all:.3f} s")
-        return {"n": n, "register_put_s": round(t_put, 4), "register_to_all_passing_s": round(t_all, 4)}
+        yield ids, t_put, t_all
     finally:
         for sid in ids:
             h.request("PUT", f"/v1/agent/service/deregister/{sid}")
         h.request("PUT", f"/v1/agent/service/deregister/{live}")
 
 
+def consul_registration_floor(consul, n: int) -> dict:
+    """Consul's floor for registering n services alone (no idle window, no
+    flips; for the small counts beside consul_floor's 1,000)."""
+    with floor_registrations(consul, n, 0.01) as (_, t_put, t_all):
+        return {"n": n, "register_put_s": round(t_put, 4), "register_to_all_passing_s": round(t_all, 4)}
+
+
 def consul_floor(consul, n: int, updates: int, reps: int) -> dict:
-    """Consul's own floor: n registrations PUT sequentially on one keep-alive
-    connection, then `updates` services flipped critical and back by the
+    """Consul's own floor: n registrations ([floor_registrations]), Consul
+    idle with them, then `updates` services flipped critical and back by the
     write tether makes for it (a critical check registered, then
     deregistered), timed by the PUTs and until the catalog shows them."""
     h = consul.http
-    live = "floor-live"
-    live_reg = {"ID": live, "Name": "floor-live", "Checks": [{"CheckID": "floor-liveness", "Name": "liveness", "TTL": "10m", "Status": "passing"}]}
-    h.json("PUT", "/v1/agent/service/register?replace-existing-checks=true", live_reg)
-    ids = [f"sc-f-{i}" for i in range(n)]
-    try:
-        t0 = time.monotonic()
-        for sid in ids:
-            h.json("PUT", "/v1/agent/service/register?replace-existing-checks=true", floor_registration(sid, 50000, live))
-        t_put = time.monotonic() - t0
-        wait_until(lambda: consul_all_passing(consul, "floor", n), 120, 0.1, f"floor: {n} passing")
-        t_all = time.monotonic() - t0
-        log(f"floor: {n} registrations PUT in {t_put:.2f} s, all passing in the catalog after {t_all:.2f} s")
+    with floor_registrations(consul, n, 0.1) as (ids, t_put, t_all):
         # Consul with these n registrations and nothing else running: its own
         # periodic cost (each alias check re-reads all checks once a minute).
         idle = CpuWindow({"consul": consul.pid}).start()
@@ -230,7 +229,3 @@ def consul_floor(consul, n: int, updates: int, reps: int) -> dict:
             "updates": updates, "update_put_s": upd_put, "update_to_catalog_s": upd_seen,
             "update_put_p50_s": median(upd_put), "update_to_catalog_p50_s": median([x for x in upd_seen if x is not None]),
         }  # fmt: skip
-    finally:
-        for sid in ids:
-            h.request("PUT", f"/v1/agent/service/deregister/{sid}")
-        h.request("PUT", f"/v1/agent/service/deregister/{live}")
