@@ -253,6 +253,45 @@ class Http:
             self.conn = None
 
 
+class Poller:
+    """A consumer's thread: calls `self._poll()` (one blocking query on
+    `self.http`) until stop(). An error is kept with its time in `errors` and
+    the poll retried 50 ms later. Subclasses set `http` and `cond`, then call
+    `_start(name)`."""
+
+    http: Http
+    cond: threading.Condition
+
+    def _start(self, name: str) -> None:
+        self.errors: list[str] = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name=f"consumer-{name}", daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self.stopping:
+            try:
+                self._poll()
+            except Exception as e:  # noqa: BLE001 - kept, and retried (no leader during an election, say)
+                if self.stopping:
+                    return
+                with self.cond:
+                    self.errors.append(f"{time.monotonic():.3f} {e}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.stopping = True
+        # Http.request retries once on a new connection: abort until the thread is out.
+        for _ in range(50):
+            self.http.abort()
+            self.thread.join(0.1)
+            if not self.thread.is_alive():
+                break
+
+
 def wait_until(pred, timeout: float, every: float = 0.05, what: str = "condition"):
     """Call pred() until it returns something truthy; raise after `timeout` s."""
     deadline = time.monotonic() + timeout

@@ -38,7 +38,7 @@ import subprocess
 import threading
 import time
 
-from common import Http, Procs, free_port, log, summary, wait_until
+from common import Http, Poller, Procs, free_port, log, summary, wait_until
 from services import HealthServer, Tether, service_file
 
 # The same master token as tests/support (a throwaway cluster on loopback).
@@ -217,7 +217,7 @@ class ConsulCluster:
             shutil.rmtree(agent.data_dir, ignore_errors=True)
 
 
-class PassingSet:
+class PassingSet(Poller):
     """A consumer on client agent B: blocking queries on
     /v1/health/service/NAME?passing, every answer time-stamped when read; an
     event whenever the set of passing service ids changed."""
@@ -228,12 +228,9 @@ class PassingSet:
         self.ids: frozenset[str] = frozenset()
         self.events: list[tuple[float, frozenset[str]]] = []
         self.answers = 0
-        self.errors: list[str] = []
         self.index = 0
         self.cond = threading.Condition()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name=f"consumer-{name}", daemon=True)
-        self.thread.start()
+        self._start(name)
 
     def _poll(self) -> None:
         first = self.answers == 0
@@ -251,17 +248,6 @@ class PassingSet:
                 self.events.append((t, ids))
                 self.ids = ids
             self.cond.notify_all()
-
-    def _run(self) -> None:
-        while not self.stopping:
-            try:
-                self._poll()
-            except Exception as e:  # noqa: BLE001 - kept, and retried (no leader during an election)
-                if self.stopping:
-                    return
-                with self.cond:
-                    self.errors.append(f"{time.monotonic():.3f} {e}")
-                time.sleep(0.05)
 
     def wait(self, pred, after: float, timeout: float) -> float | None:
         """When the first answer read at or after `after` whose set satisfied
@@ -281,14 +267,6 @@ class PassingSet:
         with self.cond:
             return self.ids
 
-    def stop(self) -> None:
-        self.stopping = True
-        # Http.request retries once on a new connection: abort until the thread is out.
-        for _ in range(50):
-            self.http.abort()
-            self.thread.join(0.1)
-            if not self.thread.is_alive():
-                break
 
 
 def by_hold(back: list[float], held: list[float]) -> dict:

@@ -42,7 +42,7 @@ import subprocess
 import threading
 import time
 
-from common import CpuWindow, Http, Procs, free_port, log, wait_until
+from common import CpuWindow, Http, Poller, Procs, free_port, log, wait_until
 from services import HealthServer, Tether, service_file
 
 # (key, label, [damping] table in tether.toml)
@@ -81,7 +81,7 @@ class Wakes:
                 self.cond.wait(left)
 
 
-class ConsulConsumer(Wakes):
+class ConsulConsumer(Wakes, Poller):
     """A blocking query on /v1/health/service/NAME, as a client runs it: every
     answer whose X-Consul-Index moved is a wake-up, recorded (monotonic time,
     passing) where passing = some instance has all its checks passing."""
@@ -92,13 +92,10 @@ class ConsulConsumer(Wakes):
         self.wakes: list[tuple[float, bool]] = []
         self.answers = 0
         self.passing: bool | None = None
-        self.errors: list[str] = []
         self.cond = threading.Condition()
-        self.stopping = False
         self.index = 0
         self._poll()  # the first answer (index 0) is not a wake-up
-        self.thread = threading.Thread(target=self._run, name=f"consumer-{name}", daemon=True)
-        self.thread.start()
+        self._start(name)
 
     def _poll(self) -> None:
         q = f"?index={self.index}&wait=30s" if self.index else ""
@@ -116,24 +113,6 @@ class ConsulConsumer(Wakes):
             self.index = idx if idx > 0 else self.index
             self.passing = passing
             self.cond.notify_all()
-
-    def _run(self) -> None:
-        while not self.stopping:
-            try:
-                self._poll()
-            except Exception as e:  # noqa: BLE001 - kept and retried
-                if self.stopping:
-                    return
-                self.errors.append(str(e))
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.stopping = True
-        for _ in range(50):
-            self.http.abort()
-            self.thread.join(0.1)
-            if not self.thread.is_alive():
-                break
 
 
 class EtcdConsumer(Wakes):
