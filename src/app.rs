@@ -6,9 +6,9 @@
 //! SIGHUP, file-system events and a slow periodic resync all trigger the same
 //! full rescan of the services directory.
 
-use crate::config::scan::Loader;
+use crate::config::scan::{Loader, ServiceSet};
 use crate::config::watch::{DirWatcher, DEBOUNCE};
-use crate::config::{agent, AgentConfig, BackendConfig, ServiceSpec};
+use crate::config::{agent, AgentConfig, BackendConfig};
 use crate::reconcile::Reconciler;
 use crate::registry::consul::Consul;
 use crate::registry::etcd::Etcd;
@@ -16,7 +16,7 @@ use crate::registry::{ErrorClass, Registry};
 use crate::telemetry::{http, systemd, Telemetry};
 use crate::{control, identity};
 use anyhow::Context;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -142,14 +142,14 @@ impl Pipeline<'_> {
 
 /// Turns scans into desired sets, logging each configuration error once.
 struct Scanner {
-    last: Option<BTreeMap<String, ServiceSpec>>,
+    last: Option<ServiceSet>,
     errors: BTreeSet<String>,
     telemetry: Arc<Telemetry>,
 }
 
 impl Scanner {
     /// Scan; return the desired set if it differs from the last one sent.
-    fn scan(&mut self, loader: &mut Loader) -> Option<BTreeMap<String, ServiceSpec>> {
+    fn scan(&mut self, loader: &mut Loader) -> Option<ServiceSet> {
         let scan = loader.scan();
         let errors: BTreeSet<String> = scan.errors.iter().map(|e| e.to_string()).collect();
         for e in errors.difference(&self.errors) {
@@ -163,12 +163,13 @@ impl Scanner {
         self.telemetry.metrics.config_errors.set(files.len() as i64);
         self.telemetry.with_status(|s| s.config_errors = errors.iter().cloned().collect());
         self.errors = errors;
-        if self.last.as_ref() == Some(&scan.services) {
+        let desired = ServiceSet { services: scan.services, complete: !scan.incomplete };
+        if self.last.as_ref() == Some(&desired) {
             return None;
         }
         self.telemetry.metrics.config_reloads.inc();
-        self.last = Some(scan.services.clone());
-        Some(scan.services)
+        self.last = Some(desired.clone());
+        Some(desired)
     }
 }
 

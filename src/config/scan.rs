@@ -18,6 +18,28 @@ pub struct Scan {
     pub services: BTreeMap<String, ServiceSpec>,
     /// Every problem found, each on its own (a file may have several), by file.
     pub errors: Vec<ConfigError>,
+    /// Some service may be missing from `services`: the directory could not
+    /// be read, or a file failed with no good version to keep (at start, or
+    /// a new file).
+    pub incomplete: bool,
+}
+
+/// What the services directory asks for, as the reconciler gets it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ServiceSet {
+    pub services: BTreeMap<String, ServiceSpec>,
+    /// Every file was read: a registration of this node that no service
+    /// describes is an orphan. While not, such records are kept as they are
+    /// (a file that fails to parse must not deregister its service).
+    pub complete: bool,
+}
+
+impl ServiceSet {
+    /// Every file read.
+    #[cfg(test)]
+    pub fn complete(services: BTreeMap<String, ServiceSpec>) -> Self {
+        ServiceSet { services, complete: true }
+    }
 }
 
 /// Whether a directory entry is a service file: `*.toml`, not a dotfile.
@@ -62,7 +84,10 @@ fn resolve(parsed: Vec<(PathBuf, Result<ServiceSpec, ConfigErrors>)>, keep: &Has
                 scan.errors.extend(e.iter().cloned());
                 match keep.get(path) {
                     Some(good) => good.clone(),
-                    None => continue,
+                    None => {
+                        scan.incomplete = true;
+                        continue;
+                    }
                 }
             }
         };
@@ -101,7 +126,7 @@ impl Loader {
             Ok(files) => files,
             Err(e) => {
                 let services = self.last_good.values().map(|s| (s.id.clone(), s.clone())).collect();
-                return Scan { services, errors: vec![e] };
+                return Scan { services, errors: vec![e], incomplete: true };
             }
         };
         let parsed: Vec<_> = files.iter().map(|f| (f.clone(), service::load(f, &self.defaults))).collect();
@@ -130,11 +155,12 @@ mod tests {
         let mut loader = Loader::new(dir.path().to_path_buf(), defaults());
         let s = loader.scan();
         assert_eq!(s.services.keys().collect::<Vec<_>>(), ["a-n-1"]);
-        assert!(s.errors.is_empty());
+        assert!(s.errors.is_empty() && !s.incomplete);
 
         std::fs::write(&a, "name = \"a\"\nport = \n").unwrap();
         let s = loader.scan();
         assert_eq!(s.services.keys().collect::<Vec<_>>(), ["a-n-1"], "last good kept");
+        assert!(!s.incomplete, "nothing missing: the last good version stands in");
         assert_eq!(s.errors.len(), 1);
         assert!(s.errors[0].to_string().starts_with(&format!("{}:2:", a.display())), "{}", s.errors[0]);
 
@@ -149,6 +175,19 @@ mod tests {
         std::fs::remove_file(&a).unwrap();
         let s = loader.scan();
         assert_eq!(s.services["a-n-1"].file, dir.path().join("0.toml"));
+    }
+
+    #[test]
+    fn a_file_that_fails_with_no_good_version_makes_the_scan_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.toml"), "name = \"a\"\nport = 1\n").unwrap();
+        std::fs::write(dir.path().join("b.toml"), "name = \"b\"\nprot = 1\n").unwrap();
+        let mut loader = Loader::new(dir.path().to_path_buf(), defaults());
+        let s = loader.scan();
+        assert_eq!(s.services.keys().collect::<Vec<_>>(), ["a-n-1"]);
+        assert!(s.incomplete, "b's service may be registered: it is not known which");
+        std::fs::write(dir.path().join("b.toml"), "name = \"b\"\nport = 1\n").unwrap();
+        assert!(!loader.scan().incomplete);
     }
 
     #[test]
@@ -179,5 +218,6 @@ mod tests {
         let s = loader.scan();
         assert_eq!(s.services.len(), 1);
         assert_eq!(s.errors.len(), 1);
+        assert!(s.incomplete);
     }
 }

@@ -6,6 +6,7 @@
 
 use super::core::{Core, ProbeChange, REFUSED_CAP, WAITING};
 use super::writer::{Done, Work};
+use crate::config::scan::ServiceSet;
 use crate::config::ServiceSpec;
 use crate::control::Request;
 use crate::health::supervisor::HealthChange;
@@ -99,7 +100,7 @@ impl Sim {
 
     fn set(&mut self, services: &[(&str, u16)]) {
         let set = services.iter().map(|(id, port)| (id.to_string(), spec(id, *port))).collect();
-        self.core.desired_set(set, self.now);
+        self.core.service_set(ServiceSet::complete(set), self.now);
         self.outbox();
     }
 
@@ -274,6 +275,42 @@ fn orphans_of_this_owner_are_removed_and_others_never_touched() {
     assert!(!sim.registry.contains_key("gone"), "an orphan of this node is removed");
     assert!(sim.registry.contains_key("theirs"), "another owner's record stays");
     assert_eq!(sim.writes_of("theirs"), 0);
+}
+
+/// A service file that cannot be read (at start: no good version to keep)
+/// must not cost its service its registration, nor the drains kept from
+/// before: both wait until every file is read.
+#[test]
+fn an_unreadable_file_keeps_what_no_file_describes_until_every_file_is_read() {
+    for keeps_critical in [true, false] {
+        let mut sim = Sim::new(keeps_critical);
+        sim.core.keep_drains(BTreeSet::from(["b".to_string()]));
+        let record = Record { name: "b".into(), fingerprint: "b:1".into(), health: passing(), maintenance: false, ours: true };
+        sim.registry.insert("b".into(), record);
+        // b's file fails to parse: the set lacks it and says so.
+        let set = BTreeMap::from([("a".to_string(), spec("a", 1))]);
+        sim.core.service_set(ServiceSet { services: set.clone(), complete: false }, sim.now);
+        assert_eq!(sim.core.out.drains, None, "b's drain is kept");
+        sim.outbox();
+        sim.health("a", true);
+        sim.settle();
+        assert!(sim.registry.contains_key("b"), "b's registration is kept");
+        assert_eq!(sim.writes_of("b"), 0);
+        sim.advance(Duration::from_secs(40)); // the next anti-entropy
+        sim.settle();
+        assert!(sim.registry.contains_key("b"), "and kept by every pass while a file cannot be read");
+        // b's file fixed: b is adopted, still drained.
+        sim.set(&[("a", 1), ("b", 1)]);
+        sim.health("b", true);
+        sim.settle();
+        let state = sim.core.control(&Request::State { ids: vec!["b".into()], all: false }, sim.now);
+        assert!(state.services[0].drained, "the drain kept from before holds");
+        // With every file read, a registration no file describes is removed.
+        sim.registry.insert("gone".into(), Record { name: "gone".into(), ..sim.registry["a"].clone() });
+        sim.advance(Duration::from_secs(40));
+        sim.settle();
+        assert!(!sim.registry.contains_key("gone"));
+    }
 }
 
 #[test]

@@ -29,14 +29,14 @@ pub mod writer;
 
 use self::core::{Core, Outbox, ProbeChange};
 use crate::config::file::FileStamp;
-use crate::config::ServiceSpec;
+use crate::config::scan::ServiceSet;
 use crate::control::{self, DrainFile};
 use crate::health::conn::Connections;
 use crate::health::supervisor::{supervise, HealthChange};
 use crate::registry::{Outcome, Registry, RegistryError, View, Write};
 use crate::telemetry::status::rfc3339;
 use crate::telemetry::{systemd, Telemetry};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -154,13 +154,13 @@ impl<R: Registry> Reconciler<R> {
     }
 
     /// Run until `shutdown` fires; `desired` delivers each new desired set.
-    pub async fn run(mut self, mut desired: mpsc::Receiver<BTreeMap<String, ServiceSpec>>, shutdown: CancellationToken) {
+    pub async fn run(mut self, mut desired: mpsc::Receiver<ServiceSet>, shutdown: CancellationToken) {
         // The first anti-entropy pass waits for the first scan, so that it
         // registers tether's liveness with the right TTL at once.
         tokio::select! {
             _ = shutdown.cancelled() => return self.shutdown().await,
             first = desired.recv() => match first {
-                Some(set) => self.core.first_desired(set, Instant::now()),
+                Some(set) => self.core.service_set(set, Instant::now()),
                 None => return self.shutdown().await,
             },
         }
@@ -184,7 +184,7 @@ impl<R: Registry> Reconciler<R> {
                     self.core.done(done, Instant::now());
                 }
                 Some(change) = self.health_rx.recv() => self.core.health(change, Instant::now()),
-                Some(set) = desired.recv() => self.core.desired_set(set, Instant::now()),
+                Some(set) = desired.recv() => self.core.service_set(set, Instant::now()),
                 Some(heartbeat::Failed(e)) = self.lane_failed.recv() => self.core.heartbeat_failed(e, Instant::now()),
                 Some(command) = recv(&mut self.control) => self.on_control(command),
                 _ = sleep_until(deadline), if deadline < tick => self.core.fire(Instant::now()),

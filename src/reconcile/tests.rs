@@ -6,10 +6,13 @@
 use super::core::{REFUSED_CAP, WAITING};
 use super::*;
 use crate::backoff::lock;
+use crate::config::scan::ServiceSet;
 use crate::config::CheckSpec;
+use crate::config::ServiceSpec;
 use crate::health::{Health, Status};
 use crate::registry::{AgentInfo, RemoteEntry};
 use crate::registry::{ErrorKind, Heartbeat, Outcome, Result as RegResult};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -181,7 +184,7 @@ pub(super) fn spec(id: &str, ttl: Duration) -> ServiceSpec {
 struct Harness {
     mem: Memory,
     health: mpsc::Sender<HealthChange>,
-    desired: mpsc::Sender<BTreeMap<String, ServiceSpec>>,
+    desired: mpsc::Sender<ServiceSet>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
     /// Probe generation per id, as the reconciler numbers them.
@@ -206,7 +209,7 @@ impl Harness {
             let next = self.gens.len() as u64 + 1;
             self.gens.entry(id.clone()).or_insert(next);
         }
-        self.desired.send(set).await.unwrap();
+        self.desired.send(ServiceSet::complete(set)).await.unwrap();
     }
 
     /// A health change from a service's probe.
@@ -419,7 +422,7 @@ async fn a_refused_service_is_tried_again_when_its_file_changes() {
         ["s0", "s1"].iter().map(|id| (id.to_string(), spec(id, Duration::from_secs(15)))).collect();
     set.get_mut("s1").unwrap().port = 50052;
     let at = Instant::now();
-    h.desired.send(set).await.unwrap();
+    h.desired.send(ServiceSet::complete(set)).await.unwrap();
     h.until(Duration::from_secs(1), "s1 registered", |s| passing(s, "s1")).await;
     assert!(Instant::now() - at < Duration::from_secs(1));
     h.stop().await;
@@ -456,7 +459,8 @@ async fn a_drain_is_on_disk_when_it_is_answered() {
     let (desired, desired_rx) = mpsc::channel(4);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(r.run(desired_rx, shutdown.clone()));
-    desired.send(["s0", "s1"].iter().map(|id| (id.to_string(), spec(id, Duration::from_secs(15)))).collect()).await.unwrap();
+    let set = ["s0", "s1"].iter().map(|id| (id.to_string(), spec(id, Duration::from_secs(15)))).collect();
+    desired.send(ServiceSet::complete(set)).await.unwrap();
     for (request, drained) in [
         (control::Request::Drain { ids: vec!["s0".into()], all: false }, vec!["s0"]),
         (control::Request::Drain { ids: vec![], all: true }, vec!["s0", "s1"]),

@@ -269,6 +269,42 @@ fn a_drain_survives_a_restart_of_tether_until_undrained() {
     });
 }
 
+/// A restart with a service file that no longer parses (a typo, or a newer
+/// tether that checks more) keeps that service's registration and its drain
+/// until the file is fixed: tether cannot tell which registration was the
+/// file's, so it removes none while a file cannot be read.
+#[test]
+fn a_file_broken_across_a_restart_keeps_its_registration_and_drain() {
+    let consul = Consul::start();
+    let server = HealthServer::start(0, &[]);
+    let setup = Setup::consul(&consul, &agent(None));
+    let file = |id: &str, extra: &str| format!("name = \"{id}\"\nid = \"{id}\"\nport = {}\nttl = \"3s\"\n{extra}", server.port);
+    setup.write_service("a.toml", &file("alpha", ""));
+    setup.write_service("b.toml", &file("beta", ""));
+    let mut tether = setup.start();
+    wait_for(T, "alpha and beta passing", || (passing(&consul, "alpha") && passing(&consul, "beta")).then_some(()));
+    cli_ok(&tether, &["drain", "beta", "--wait"]);
+    let maintenance = |consul: &Consul| consul.checks().contains_key("_service_maintenance:beta");
+
+    tether.signal(Signal::SIGKILL);
+    setup.write_service("b.toml", &file("beta", "prot = 1\n"));
+    tether.restart();
+    tether.wait_log("anti-entropy: registry in sync", T);
+    let log = tether.log();
+    assert!(log.contains("unknown field `prot`"), "{log}");
+    assert!(log.contains("keeping registrations of this node that no file describes"), "{log}");
+    // Several anti-entropy passes (every second): beta stays, drained.
+    holds_for(Duration::from_secs(3), LOOK, || assert!(maintenance(&consul), "beta's registration and drain are kept"));
+    assert!(passing(&consul, "alpha"), "alpha carries on");
+
+    // Fixed: beta is probed again, and still drained.
+    setup.write_service("b.toml", &file("beta", ""));
+    tether.wait_log("drained (kept from before tether restarted", T);
+    holds_for(Duration::from_secs(2), LOOK, || assert!(maintenance(&consul), "beta stays drained"));
+    cli_ok(&tether, &["undrain", "beta", "--wait"]);
+    assert!(passing(&consul, "beta"));
+}
+
 #[test]
 fn drain_and_undrain_on_etcd() {
     let etcd = Etcd::start(1);

@@ -34,6 +34,7 @@ mod health;
 use super::queue::Queue;
 use super::writer::{Done, Work};
 use crate::backoff::{jitter, Backoff};
+use crate::config::scan::ServiceSet;
 use crate::config::{CheckSpec, ServiceSpec};
 use crate::health::Health;
 use crate::registry::{AgentInfo, ErrorClass, Outcome, RemoteEntry, View, Write};
@@ -156,6 +157,12 @@ pub struct Core<V: View> {
     entries: HashMap<String, Entry>,
     /// Drained ids, including those of services not (yet) in the desired set.
     drained: BTreeSet<String>,
+    /// The last desired set read every file; the drains of an earlier run
+    /// were matched against one such set.
+    complete: bool,
+    drains_pruned: bool,
+    /// Registrations no file describes, kept by the last anti-entropy pass.
+    kept_orphans: usize,
     /// What tether's own presence should be, and what was last made so.
     agent: AgentInfo,
     agent_synced: Option<AgentInfo>,
@@ -194,6 +201,9 @@ impl<V: View> Core<V> {
             node: node.to_string(),
             entries: HashMap::new(),
             drained,
+            complete: false,
+            drains_pruned: false,
+            kept_orphans: 0,
             agent: AgentInfo::for_services(node, std::iter::empty()),
             agent_synced: None,
             stale: true,
@@ -240,15 +250,21 @@ impl<V: View> Core<V> {
         self.refused
     }
 
-    /// The first desired set: drains kept for services whose files went
-    /// while tether was not running end with them.
-    pub fn first_desired(&mut self, set: BTreeMap<String, ServiceSpec>, now: Instant) {
-        let before = self.drained.len();
-        self.drained.retain(|id| set.contains_key(id));
-        if self.drained.len() != before {
-            self.out.drains = Some(self.drained.clone());
+    /// A desired set from the services directory. The first one read in
+    /// full ends the drains kept for services whose files went while tether
+    /// was not running. Until then, and whenever a file cannot be read, a
+    /// registration no service describes is kept (`complete`).
+    pub fn service_set(&mut self, desired: ServiceSet, now: Instant) {
+        self.complete = desired.complete;
+        if self.complete && !self.drains_pruned {
+            self.drains_pruned = true;
+            let before = self.drained.len();
+            self.drained.retain(|id| desired.services.contains_key(id));
+            if self.drained.len() != before {
+                self.out.drains = Some(self.drained.clone());
+            }
         }
-        self.desired_set(set, now);
+        self.desired_set(desired.services, now);
     }
 
     /// Start, stop or restart probes and records for a new desired set.
@@ -541,7 +557,13 @@ impl<V: View> Core<V> {
         }
         self.queue.clear();
         self.fixes = 0;
-        for orphan in by_id.into_values() {
+        let kept = if self.complete { 0 } else { by_id.len() };
+        if kept > 0 && kept != self.kept_orphans {
+            let ids: Vec<&String> = by_id.keys().collect();
+            tracing::warn!(services = ?ids, "keeping registrations of this node that no file describes while a service file cannot be read (see its error); they are not probed, and are removed once every file is read");
+        }
+        self.kept_orphans = kept;
+        for orphan in by_id.into_values().filter(|_| kept == 0) {
             tracing::info!(service = %orphan.id, "removing a registration owned by this node that no file describes");
             self.fixes += 1;
             self.queue.put(Write::Deregister { id: orphan.id, name: orphan.name }, false);
