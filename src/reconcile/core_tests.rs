@@ -144,9 +144,9 @@ impl Sim {
             return Outcome::Failed(RegistryError::new(ErrorKind::Rejected, "403 Permission denied"));
         }
         match w {
-            Write::Register { spec, health } => {
+            Write::Register { spec, health, maintenance } => {
                 let fingerprint = self.shape.fingerprint(spec);
-                let record = Record { name: spec.name.clone(), fingerprint, health: health.clone(), maintenance: false, ours: true };
+                let record = Record { name: spec.name.clone(), fingerprint, health: health.clone(), maintenance: *maintenance, ours: true };
                 self.registry.insert(spec.id.clone(), record);
             }
             Write::Health { spec, health, .. } => {
@@ -311,6 +311,31 @@ fn an_unreadable_file_keeps_what_no_file_describes_until_every_file_is_read() {
         sim.settle();
         assert!(!sim.registry.contains_key("gone"));
     }
+}
+
+/// A drained service registered again (its file changed, or Consul lost the
+/// record) is in maintenance from the registration on: never a moment in
+/// the healthy set. So is a drained service registered for the first time.
+#[test]
+fn a_drained_service_is_registered_in_maintenance() {
+    let mut sim = Sim::new(true);
+    sim.core.keep_drains(BTreeSet::from(["b".to_string()]));
+    sim.set(&[("a", 1), ("b", 1)]);
+    sim.health("a", true);
+    sim.health("b", true);
+    sim.core.control(&Request::Drain { ids: vec!["a".into()], all: false }, sim.now);
+    while sim.step() {
+        for id in ["a", "b"] {
+            assert!(sim.registry.get(id).is_none_or(|r| r.maintenance), "{id} is never registered out of maintenance");
+        }
+    }
+    sim.set(&[("a", 2), ("b", 2)]);
+    let writes = sim.writes.len();
+    while sim.step() {
+        assert!(sim.registry["a"].maintenance && sim.registry["b"].maintenance, "re-registered in maintenance");
+    }
+    assert!(sim.writes[writes..].iter().all(|w| matches!(w, Write::Register { maintenance: true, .. })), "{:?}", &sim.writes[writes..]);
+    assert_eq!(sim.writes.len(), writes + 2, "one write each: no maintenance write after the registration");
 }
 
 #[test]

@@ -140,7 +140,7 @@ impl Registry for Memory {
             };
             s.writes.push((Instant::now(), op, w.id().to_string()));
             match w {
-                Write::Register { spec, health } => {
+                Write::Register { spec, health, .. } => {
                     s.records.insert(spec.id.clone(), (spec.name.clone(), fp(spec), view.written(None, health)));
                 }
                 Write::Health { spec, health, was } => {

@@ -128,8 +128,10 @@ pub enum Outcome {
 /// One registry write, as queued by the reconciler and done by its writer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    /// Write the whole record with this health.
-    Register { spec: Arc<ServiceSpec>, health: Health },
+    /// Write the whole record with this health, and in maintenance (drained)
+    /// from the first moment when `maintenance` (only on registries that keep
+    /// critical records: elsewhere a drained record is absent).
+    Register { spec: Arc<ServiceSpec>, health: Health, maintenance: bool },
     /// Change only the health of a record the registry holds; `was` is the
     /// status it holds now, as far as tether knows (None: unknown).
     Health { spec: Arc<ServiceSpec>, health: Health, was: Option<Status> },

@@ -211,6 +211,16 @@ fn drain_and_undrain_on_consul_survive_a_reload() {
     let state = cli_ok(&tether, &["drain", "alpha"]);
     assert!(state.contains("drained alpha"), "{state}");
 
+    // A changed file registers alpha again: in maintenance from that write
+    // on (no maintenance write after it, so never a moment passing).
+    setup.write_service(
+        "a.toml",
+        "name = \"alpha\"\nid = \"alpha\"\nport = PORT\nttl = \"3s\"\ntags = [\"v2\"]\n".replace("PORT", &server.port.to_string()).as_str(),
+    );
+    wait_for(T, "alpha re-registered with its new tag", || (consul.services()["alpha"]["Tags"] == serde_json::json!(["v2"])).then_some(()));
+    assert!(consul.checks().contains_key("_service_maintenance:alpha"), "registered in maintenance");
+    assert_eq!(tether.log().matches("drained (maintenance on)").count(), 1, "no second maintenance write:\n{}", tether.log());
+
     let out = cli_ok(&tether, &["undrain", "alpha", "--wait"]);
     assert!(out.contains("undrained alpha (the registry shows it)"), "{out}");
     assert!(passing(&consul, "alpha"), "back in the healthy set");

@@ -40,9 +40,9 @@ impl<V: View> Core<V> {
         match (self.desired(entry, now), &entry.remote) {
             (Desired::Undecided, _) | (Desired::Absent, None) => None,
             (Desired::Absent, Some(_)) => Some(Write::Deregister { id, name: spec.name.clone() }),
-            (Desired::Present { health, .. }, None) => Some(Write::Register { spec, health }),
-            (Desired::Present { fingerprint, health, .. }, Some(r)) if fingerprint != r.fingerprint => {
-                Some(Write::Register { spec, health })
+            (Desired::Present { health, maintenance, .. }, None) => Some(Write::Register { spec, health, maintenance }),
+            (Desired::Present { fingerprint, health, maintenance }, Some(r)) if fingerprint != r.fingerprint => {
+                Some(Write::Register { spec, health, maintenance })
             }
             (Desired::Present { health, .. }, Some(r)) if !same_health(&health, r.health.as_ref()) => {
                 Some(Write::Health { spec, health, was: r.health.as_ref().map(|h| h.status) })
@@ -62,8 +62,8 @@ pub(super) fn after_write<V: View>(view: &V, w: &Write, remote: Option<Remote>) 
     match w {
         Write::Deregister { .. } => None,
         // A registration replaces every check, maintenance included.
-        Write::Register { spec, health } => {
-            Some(Remote { fingerprint: view.fingerprint(spec), health: Some(view.written(None, health)), maintenance: false })
+        Write::Register { spec, health, maintenance } => {
+            Some(Remote { fingerprint: view.fingerprint(spec), health: Some(view.written(None, health)), maintenance: *maintenance })
         }
         Write::Maintenance { on, .. } => remote.map(|r| Remote { maintenance: *on, ..r }),
         Write::Health { health, was, .. } => remote.map(|r| Remote { health: Some(view.written(*was, health)), ..r }),

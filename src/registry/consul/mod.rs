@@ -49,6 +49,13 @@ pub fn health_check_id(id: &str) -> String {
 pub fn alias_check_id(id: &str) -> String {
     format!("tether-alive:{id}")
 }
+/// Why a drained service is in maintenance.
+const DRAIN_REASON: &str = "draining (tether drain)";
+/// The TTL of the maintenance check a drained service is registered with:
+/// ten years (it is critical from the start; the TTL only makes it a check
+/// Consul accepts in a registration).
+const MAINTENANCE_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// The check Consul adds to a service in maintenance mode.
 pub fn maintenance_check_id(id: &str) -> String {
     format!("_service_maintenance:{id}")
@@ -234,7 +241,7 @@ impl Consul {
         meta
     }
 
-    fn registration(&self, spec: &ServiceSpec, health: &Health) -> ServiceRegistration {
+    fn registration(&self, spec: &ServiceSpec, health: &Health, maintenance: bool) -> ServiceRegistration {
         let mut checks = vec![CheckDefinition {
             check_id: alias_check_id(&spec.id),
             name: "tether agent alive".into(),
@@ -249,6 +256,21 @@ impl Consul {
         }];
         if health.status != Status::Passing {
             checks.push(Self::health_check(spec, health.status));
+        }
+        // Drained: in maintenance from the first moment, as Consul's own
+        // maintenance mode makes it (its check id, critical; a TTL check, the
+        // one kind a registration may carry without a target, that never
+        // lapses into anything else), so a re-registration never shows a
+        // drained service passing. `maintenance?enable=false` removes it.
+        if maintenance {
+            checks.push(CheckDefinition {
+                check_id: maintenance_check_id(&spec.id),
+                name: "Service Maintenance Mode".into(),
+                notes: Some(DRAIN_REASON.into()),
+                ttl: Some(go(MAINTENANCE_TTL)),
+                status: Some("critical".into()),
+                ..Default::default()
+            });
         }
         ServiceRegistration {
             id: spec.id.clone(),
@@ -280,7 +302,7 @@ impl Consul {
         match w {
             // Consul 1.8 takes no output at registration: a critical
             // service's reason follows as a write of its own (see `written`).
-            Write::Register { spec, health } => client.register_service(&self.registration(spec, health)).await,
+            Write::Register { spec, health, maintenance } => client.register_service(&self.registration(spec, health, *maintenance)).await,
             // Not passing already: the check is there, set its status and reason.
             Write::Health { spec, health, was: Some(Status::Critical | Status::Warning) } if health.status != Status::Passing => {
                 client.update_check(&health_check_id(&spec.id), health.status.as_str(), &health.output).await
@@ -291,7 +313,7 @@ impl Consul {
             }
             Write::Health { spec, .. } => client.deregister_check(&health_check_id(&spec.id)).await,
             Write::Deregister { id, .. } => client.deregister_service(id).await,
-            Write::Maintenance { id, on } => client.maintenance(id, *on, "draining (tether drain)").await,
+            Write::Maintenance { id, on } => client.maintenance(id, *on, DRAIN_REASON).await,
         }
     }
 }

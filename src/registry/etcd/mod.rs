@@ -265,7 +265,7 @@ impl Etcd {
     fn ops(&self, w: &Write, lease: i64) -> (Vec<TxnOp>, Option<String>) {
         let mut ops = Vec::new();
         let (id, key, put) = match w {
-            Write::Register { spec, health } | Write::Health { spec, health, .. } => {
+            Write::Register { spec, health, .. } | Write::Health { spec, health, .. } => {
                 let key = self.key(&spec.name, &spec.id);
                 let put = (health.status == Status::Passing).then(|| self.view.value(spec, &health.output));
                 (spec.id.as_str(), key, put)
