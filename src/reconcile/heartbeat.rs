@@ -95,7 +95,10 @@ pub async fn run<H: Heartbeat>(
                 m.error("heartbeat", e.kind.as_str(), e.kind.class().as_str());
                 let delay = retry.next_delay().min(every);
                 next = Instant::now() + jitter(delay);
-                if failures.send(Failed(e)).await.is_err() {
+                // Never waits: with failures already waiting the reconciler
+                // knows, and a lane blocked here would stop beating (and
+                // hold up shutdown, which no longer reads them).
+                if let Err(mpsc::error::TrySendError::Closed(_)) = failures.try_send(Failed(e)) {
                     return;
                 }
             }
@@ -167,5 +170,27 @@ mod tests {
         assert_eq!(telemetry.metrics.heartbeat_late.get(), 1, "a held beat is late");
         cancel.cancel();
         task.await.unwrap();
+    }
+
+    /// Failures nobody reads (the loop busy, or shutting down) never stop
+    /// the lane: it keeps beating and stops when cancelled.
+    #[tokio::test(start_paused = true)]
+    async fn unread_failures_never_block_the_lane() {
+        let state = Arc::new(Mutex::new(State { down: true, ..State::default() }));
+        let telemetry = Arc::new(Telemetry::new("node-a", "memory", "memory"));
+        let (agent_tx, agent) = watch::channel(None);
+        let (failures_tx, _failures) = mpsc::channel(1);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(Lane(state.clone()), agent, failures_tx, telemetry, cancel.clone()));
+        agent_tx.send_replace(Some(AgentInfo {
+            node: "node-a".into(),
+            ttl: Duration::from_secs(3),
+            deregister_after: Duration::from_secs(60),
+        }));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let beats = state.lock().unwrap().beats;
+        assert!(beats >= 8, "the lane went on trying with one unread failure waiting: {beats} beats");
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(1), task).await.expect("stops at once").unwrap();
     }
 }
