@@ -172,6 +172,12 @@ impl Sim {
             self.outbox();
             return false;
         };
+        self.finish(work);
+        true
+    }
+
+    /// The registry does `work`, and the core hears back.
+    fn finish(&mut self, work: Work) {
         let done = match work {
             Work::Sync(agent) => {
                 self.syncs += 1;
@@ -198,7 +204,6 @@ impl Sim {
         };
         self.core.done(done, self.now);
         self.outbox();
-        true
     }
 
     /// Run the writer until there is nothing left to do (bounded).
@@ -336,6 +341,33 @@ fn a_drained_service_is_registered_in_maintenance() {
     }
     assert!(sim.writes[writes..].iter().all(|w| matches!(w, Write::Register { maintenance: true, .. })), "{:?}", &sim.writes[writes..]);
     assert_eq!(sim.writes.len(), writes + 2, "one write each: no maintenance write after the registration");
+}
+
+/// A service's file goes while a write of it is out, whatever the write
+/// (a maintenance write, a refused registration): the record is removed
+/// once the write is back.
+#[test]
+fn a_file_removed_while_a_write_is_out_ends_with_no_record() {
+    for refused in [false, true] {
+        let mut sim = Sim::new(true);
+        sim.set(&[("a", 1), ("b", 1)]);
+        sim.health("a", true);
+        sim.health("b", true);
+        sim.settle();
+        if refused {
+            sim.refuse.insert("a".into());
+            sim.set(&[("a", 2), ("b", 1)]); // a changed file: a registration, refused
+        } else {
+            sim.core.control(&Request::Drain { ids: vec!["a".into()], all: false }, sim.now);
+        }
+        let work = sim.core.take_work(16, sim.now).expect("a's write");
+        sim.set(&[("b", 1)]); // a's file removed meanwhile
+        sim.refuse.clear();
+        sim.finish(work);
+        sim.settle();
+        assert!(!sim.registry.contains_key("a"), "refused={refused}: a's record is gone: {:?}", sim.writes);
+        assert!(sim.registry.contains_key("b"));
+    }
 }
 
 #[test]

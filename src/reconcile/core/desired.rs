@@ -75,3 +75,19 @@ pub(super) fn after_write<V: View>(view: &V, w: &Write, remote: Option<Remote>) 
 pub(super) fn same_health(desired: &Health, remote: Option<&Health>) -> bool {
     remote.is_some_and(|r| r.status == desired.status && (desired.status == Status::Passing || r.output == desired.output))
 }
+
+/// One line per successful write that changes what consumers see.
+pub(super) fn log_written(w: &Write, keeps_critical: bool) {
+    let id = w.id();
+    match w {
+        Write::Deregister { .. } => {
+            let why = if keeps_critical { "critical for longer than deregister_critical_after" } else { "not passing" };
+            tracing::info!(service = %id, reason = why, "deregistered");
+        }
+        Write::Register { health, .. } => tracing::info!(service = %id, status = %health.status, "registered"),
+        Write::Maintenance { on, .. } => {
+            tracing::info!(service = %id, "{}", if *on { "drained (maintenance on)" } else { "undrained (maintenance off)" })
+        }
+        Write::Health { health, .. } => tracing::debug!(service = %id, status = %health.status, "health written"),
+    }
+}

@@ -40,7 +40,7 @@ use crate::health::Health;
 use crate::registry::{AgentInfo, ErrorClass, Outcome, RemoteEntry, View, Write};
 use crate::telemetry::metrics::Metrics;
 use damping::{Budget, Flap};
-use desired::after_write;
+use desired::{after_write, log_written};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
@@ -163,6 +163,9 @@ pub struct Core<V: View> {
     drains_pruned: bool,
     /// Registrations no file describes, kept by the last anti-entropy pass.
     kept_orphans: usize,
+    /// Services whose files went while a write of theirs was out, by id:
+    /// their names, for the deregistration that follows it.
+    removed_in_flight: HashMap<String, String>,
     /// What tether's own presence should be, and what was last made so.
     agent: AgentInfo,
     agent_synced: Option<AgentInfo>,
@@ -204,6 +207,7 @@ impl<V: View> Core<V> {
             complete: false,
             drains_pruned: false,
             kept_orphans: 0,
+            removed_in_flight: HashMap::new(),
             agent: AgentInfo::for_services(node, std::iter::empty()),
             agent_synced: None,
             stale: true,
@@ -287,7 +291,9 @@ impl<V: View> Core<V> {
             tracing::info!(service = %id, file = %entry.spec.file.display(), "service file removed");
             // An in-flight write is followed up when it finishes; while stale,
             // the next anti-entropy removes it as an orphan.
-            if !entry.in_flight && !self.stale {
+            if entry.in_flight {
+                self.removed_in_flight.insert(id.clone(), entry.spec.name.clone());
+            } else if !self.stale {
                 match entry.remote {
                     Some(_) => self.queue.put(Write::Deregister { id: id.clone(), name: entry.spec.name.clone() }, true),
                     None => self.queue.remove(&id),
@@ -317,6 +323,7 @@ impl<V: View> Core<V> {
                 }
                 None => {
                     tracing::info!(service = %id, file = %spec.file.display(), "service added");
+                    self.removed_in_flight.remove(&id);
                     self.generation += 1;
                     self.out.probes.push(ProbeChange::Start { id: id.clone(), generation: self.generation, checks: spec.checks.clone() });
                     self.m().service_health.get_or_create(&Metrics::service(&id)).set(-1);
@@ -470,12 +477,13 @@ impl<V: View> Core<V> {
             let id = w.id().to_string();
             let done = matches!(outcome, Outcome::Done);
             let Some(entry) = self.entries.get_mut(&id) else {
-                match (&w, done) {
-                    (Write::Deregister { .. }, true) => tracing::info!(service = %id, "deregistered"),
-                    // Its file went while the write was out: remove it now.
-                    (Write::Register { spec, .. } | Write::Health { spec, .. }, true) if !self.stale => {
-                        self.queue.put(Write::Deregister { id: id.clone(), name: spec.name.clone() }, true)
-                    }
+                // Its file went while the write was out: whatever the write
+                // left (a record, maintenance, or one that was there before a
+                // refusal) is removed now; while stale, by anti-entropy.
+                let name = self.removed_in_flight.remove(&id);
+                match (&w, done, name) {
+                    (Write::Deregister { .. }, true, _) => tracing::info!(service = %id, "deregistered"),
+                    (_, _, Some(name)) if !self.stale => self.queue.put(Write::Deregister { id: id.clone(), name }, true),
                     _ => {}
                 }
                 continue;
@@ -580,21 +588,5 @@ impl<V: View> Core<V> {
         }
         self.in_sync_report = Some((self.fixes, was_retrying));
         self.out.backend = Some(None);
-    }
-}
-
-/// One line per successful write that changes what consumers see.
-fn log_written(w: &Write, keeps_critical: bool) {
-    let id = w.id();
-    match w {
-        Write::Deregister { .. } => {
-            let why = if keeps_critical { "critical for longer than deregister_critical_after" } else { "not passing" };
-            tracing::info!(service = %id, reason = why, "deregistered");
-        }
-        Write::Register { health, .. } => tracing::info!(service = %id, status = %health.status, "registered"),
-        Write::Maintenance { on, .. } => {
-            tracing::info!(service = %id, "{}", if *on { "drained (maintenance on)" } else { "undrained (maintenance off)" })
-        }
-        Write::Health { health, .. } => tracing::debug!(service = %id, status = %health.status, "health written"),
     }
 }
