@@ -35,6 +35,9 @@ pub struct Response {
     /// Set when nothing was changed.
     pub error: Option<String>,
     pub services: Vec<DrainState>,
+    /// Done, but with a caveat (the drains could not be kept on disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -85,7 +88,7 @@ pub async fn serve(path: PathBuf, commands: mpsc::Sender<Command>, shutdown: Can
                 let response = match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await {
                     Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
                         Ok(request) => ask(&commands, request).await,
-                        Err(e) => Response { error: Some(format!("bad request: {e}")), services: vec![] },
+                        Err(e) => Response { error: Some(format!("bad request: {e}")), ..Response::default() },
                     },
                     _ => return,
                 };
@@ -101,7 +104,7 @@ pub async fn serve(path: PathBuf, commands: mpsc::Sender<Command>, shutdown: Can
 
 async fn ask(commands: &mpsc::Sender<Command>, request: Request) -> Response {
     let (reply, answer) = oneshot::channel();
-    let gone = || Response { error: Some("the agent is shutting down".into()), services: vec![] };
+    let gone = || Response { error: Some("the agent is shutting down".into()), ..Response::default() };
     if commands.send(Command { request, reply }).await.is_err() {
         return gone();
     }
@@ -211,16 +214,19 @@ impl DrainFile {
     }
 
     /// Rewrite the file if anything changed since the last save. A failed
-    /// write is logged: the drains still hold until tether restarts.
-    pub fn save(&mut self) {
+    /// write is logged, returned (for the request that made the change) and
+    /// tried again by the next save: the drains hold until tether restarts.
+    pub fn save(&mut self) -> Result<(), String> {
         if !std::mem::take(&mut self.dirty) {
-            return;
+            return Ok(());
         }
         let tmp = self.path.with_extension("drained.tmp");
         let json = serde_json::to_vec(&self.ids).expect("a set of strings serializes");
-        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &self.path)) {
+        std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &self.path)).map_err(|e| {
+            self.dirty = true;
             tracing::warn!(file = %self.path.display(), error = %e, "cannot keep the drains on disk; they hold until tether restarts");
-        }
+            format!("cannot keep the drains in {}: {e}; they hold until tether restarts", self.path.display())
+        })
     }
 }
 
@@ -267,14 +273,27 @@ mod tests {
         d.set("b", true);
         d.set("b", false);
         d.set("gone", true);
-        d.save();
+        d.save().unwrap();
         let mut d = DrainFile::load(path.clone());
         assert!(d.contains("a") && !d.contains("b") && d.contains("gone"));
         d.retain(|id| id != "gone");
-        d.save();
+        d.save().unwrap();
         let d = DrainFile::load(path.clone());
         assert!(d.contains("a") && !d.contains("gone"), "a service gone while tether was down loses its drain");
         std::fs::write(&path, "not json").unwrap();
         assert!(!DrainFile::load(path).contains("a"), "an unreadable file: nothing drained");
+    }
+
+    #[test]
+    fn a_failed_save_says_why_and_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let mut d = DrainFile::load(run.join("agent.drained"));
+        d.set("a", true);
+        let e = d.save().unwrap_err();
+        assert!(e.contains("cannot keep the drains") && e.contains("agent.drained"), "{e}");
+        std::fs::create_dir(&run).unwrap();
+        d.save().unwrap();
+        assert!(DrainFile::load(run.join("agent.drained")).contains("a"), "the next save wrote it");
     }
 }

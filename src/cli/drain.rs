@@ -55,6 +55,9 @@ pub(super) fn drain(t: DrainTarget, on: bool) -> ExitCode {
     if let Some(e) = answer.error {
         return super::fail(e);
     }
+    if let Some(w) = &answer.warning {
+        eprintln!("warning: {w}");
+    }
     let ids: Vec<String> = answer.services.iter().map(|s| s.id.clone()).collect();
     if !t.wait {
         for s in &answer.services {

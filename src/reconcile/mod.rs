@@ -203,7 +203,7 @@ impl<R: Registry> Reconciler<R> {
         match (self.core.out.drains.take(), &self.drains) {
             (Some(ids), Some((tx, _))) => {
                 if let Err(mpsc::error::SendError(keep)) = tx.send(KeepDrains { ids, reply: Some((command.reply, response)) }) {
-                    keep.answer();
+                    keep.answer(None);
                 }
             }
             _ => {
@@ -377,8 +377,9 @@ struct KeepDrains {
 }
 
 impl KeepDrains {
-    fn answer(self) {
-        if let Some((reply, response)) = self.reply {
+    fn answer(self, warning: Option<&String>) {
+        if let Some((reply, mut response)) = self.reply {
+            response.warning = warning.cloned();
             let _ = reply.send(response);
         }
     }
@@ -396,15 +397,13 @@ async fn persist_drains(mut file: DrainFile, mut rx: mpsc::UnboundedReceiver<Kee
         let ids = waiting.last().map(|k| k.ids.clone()).unwrap_or_default();
         file.replace(ids);
         let saved = tokio::task::spawn_blocking(move || {
-            file.save();
-            file
+            let result = file.save();
+            (file, result)
         })
         .await;
-        waiting.into_iter().for_each(KeepDrains::answer);
-        file = match saved {
-            Ok(f) => f,
-            Err(_) => return,
-        };
+        let Ok((saved, result)) = saved else { return };
+        file = saved;
+        waiting.into_iter().for_each(|k| k.answer(result.as_ref().err()));
     }
 }
 

@@ -472,7 +472,15 @@ async fn a_drain_is_on_disk_when_it_is_answered() {
         assert_eq!(response.error, None, "{request:?}");
         let on_disk: BTreeSet<String> = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(on_disk, drained.into_iter().map(String::from).collect(), "on disk when {request:?} was answered");
+        assert_eq!(response.warning, None);
     }
+    // The runtime directory gone: the drain holds, and the answer says it is not kept.
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    let (reply, answer) = oneshot::channel();
+    commands.send(control::Command { request: control::Request::Drain { ids: vec!["s0".into()], all: false }, reply }).await.unwrap();
+    let response = answer.await.unwrap();
+    assert_eq!(response.error, None);
+    assert!(response.warning.as_deref().is_some_and(|w| w.contains("cannot keep the drains")), "{response:?}");
     shutdown.cancel();
     task.await.unwrap();
 }

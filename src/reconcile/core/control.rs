@@ -26,7 +26,7 @@ impl<V: View> Core<V> {
             None
         };
         if let Some(error) = error {
-            return Response { error: Some(error), services: vec![] };
+            return Response { error: Some(error), ..Response::default() };
         }
         let set = match request {
             Request::Drain { .. } => Some(true),
@@ -63,7 +63,7 @@ impl<V: View> Core<V> {
                 DrainState { id: id.clone(), drained: entry.drained, applied }
             })
             .collect();
-        Response { error: None, services }
+        Response { error: None, services, warning: None }
     }
 
     /// One service's status; `wall` is the wall clock at `now`.
