@@ -7,6 +7,7 @@
 //! `heavy`); their timings are printed, never asserted (see scripts/bench.sh).
 
 use crate::support::*;
+use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
 
 const SERVERS: usize = 10;
@@ -103,6 +104,17 @@ fn etcd_thousand(delay: Option<Duration>) {
     let log = tether.log();
     assert_eq!(count(&log, "granted a new etcd lease"), 1, "one lease from start to end:\n{log}");
     assert!(!log.contains("not found"), "the lease was never lost:\n{log}");
+    if delay.is_none() {
+        // A restart lists all 1,000 keys (in pages) and rewrites none of them.
+        let before = etcd.get_prefix("services/");
+        let mut tether = tether;
+        tether.signal(Signal::SIGKILL);
+        tether.restart();
+        tether.wait_log("anti-entropy: registry in sync", CONVERGE);
+        let log = tether.log();
+        assert!(log.contains("anti-entropy: registry in sync fixes=0"), "nothing to fix after a restart:\n{log}");
+        assert_eq!(etcd.get_prefix("services/"), before, "no key rewritten");
+    }
 }
 
 #[test]

@@ -152,31 +152,45 @@ impl Etcd {
         client_of(&self.config, &mut self.client, &mut self.rotation, "the writer").await
     }
 
-    /// Everything under `<prefix>/` that names this node and instance, with its lease.
+    /// Everything under `<prefix>/` that names this node and instance, with
+    /// its lease. Read in pages of [`LIST_PAGE`] keys at one revision: the
+    /// prefix is shared by every agent, and one answer for all of it would
+    /// outgrow gRPC's 4 MiB message limit at about 10,000 keys.
     async fn owned(&mut self) -> Result<Vec<(String, EndpointUpdate, i64)>> {
         let client = self.client().await?;
         let prefix = format!("{}/", self.config.prefix);
-        let resp = (|| {
-            let mut c = client.clone();
-            let p = prefix.clone();
-            async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
-        })
-        .retry(backoff())
-        .when(retryable)
-        .await
-        .map_err(err)?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
+        let end = prefix_end(prefix.as_bytes());
+        let (mut from, mut revision) = (prefix.into_bytes(), 0);
+        let mut owned = Vec::new();
+        loop {
+            let resp = (|| {
+                let mut c = client.clone();
+                let (from, end) = (from.clone(), end.clone());
+                async move { c.get(from, Some(GetOptions::new().with_range(end).with_limit(LIST_PAGE).with_revision(revision))).await }
+            })
+            .retry(backoff())
+            .when(retryable)
+            .await
+            .map_err(err)?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            owned.extend(resp.kvs().iter().filter_map(|kv| {
                 let v: EndpointUpdate = serde_json::from_slice(kv.value()).ok()?;
                 let key = kv.key_str().ok()?.to_string();
                 (v.metadata.managed_by == "tether"
                     && v.metadata.node == self.view.owner.node
                     && v.metadata.instance == self.view.owner.instance)
                     .then_some((key, v, kv.lease()))
-            })
-            .collect())
+            }));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0); // the next key after it
+                }
+                _ => return Ok(owned),
+            }
+        }
     }
 
     /// Adopt a still-live lease of a previous run (one look-up per distinct
@@ -480,6 +494,23 @@ impl Registry for Etcd {
     }
 }
 
+/// Keys per request of a listing ([`Etcd::owned`]): a few hundred KiB.
+const LIST_PAGE: i64 = 500;
+
+/// The end of the key range of everything that starts with `prefix` (as
+/// etcd's own `WithPrefix`): its last byte below 0xff incremented, what
+/// follows dropped; everything from `prefix` on when there is none.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    match prefix.iter().rposition(|b| *b < 0xff) {
+        Some(i) => {
+            let mut end = prefix[..=i].to_vec();
+            end[i] += 1;
+            end
+        }
+        None => vec![0],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,5 +549,12 @@ mod tests {
         let mut legacy: Value = serde_json::from_str(&body).unwrap();
         legacy["Metadata"] = serde_json::from_str(legacy["Metadata"].as_str().unwrap()).unwrap();
         assert_ne!(etcd.entries(listed(&legacy.to_string(), 7)).remove(0).fingerprint, etcd.view.fingerprint(&spec));
+    }
+
+    #[test]
+    fn a_prefix_range_ends_where_etcd_ends_it() {
+        assert_eq!(prefix_end(b"services/"), b"services0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
     }
 }
