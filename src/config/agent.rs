@@ -233,7 +233,10 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigErrors> {
     let mut errors = Errors::new(path, text);
     let errs = &mut errors;
     let top = Section::top(&doc, SCHEMA, errs);
-    let base = path.parent().unwrap_or(Path::new("."));
+    // Paths in the file are relative to its directory, made absolute: the
+    // services directory's watch sees absolute paths (and a bare
+    // `--config tether.toml` has an empty parent).
+    let base = std::path::absolute(path).ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
     let services_dir = base.join(top.path("services_dir", errs).map_or_else(|| PathBuf::from("/etc/tether/services.d"), |d| d.value));
     let node = match top.string("node", errs) {
         Some(n) => {
@@ -274,9 +277,9 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigErrors> {
             }
         },
     };
-    let consul = top.table("consul", errs).map(|c| consul(c, path, base, errs));
+    let consul = top.table("consul", errs).map(|c| consul(c, path, &base, errs));
     let etcd_section = top.table("etcd", errs);
-    let etcd = etcd_section.map(|e| etcd(e, path, base, errs));
+    let etcd = etcd_section.map(|e| etcd(e, path, &base, errs));
     let backend = match (consul, etcd) {
         (Some(c), Some(_)) => {
             errs.at(etcd_section.and_then(|e| e.span()), "both [consul] and [etcd] are set", "keep exactly one registry section");
@@ -447,6 +450,9 @@ mod tests {
     fn consul_config() {
         let c = parse(Path::new("/etc/tether/tether.toml"), "services_dir = \"services.d\"\nnode = \"web-1\"\nlisten = \"\"\n[consul]\naddress = \"http://127.0.0.1:8500/\"\ntoken_file = \"consul.token\"\n").unwrap();
         assert_eq!(c.services_dir, Path::new("/etc/tether/services.d"));
+        // A bare file name: relative to the current directory, made absolute.
+        let bare = parse(Path::new("tether.toml"), "services_dir = \"services.d\"\nnode = \"web-1\"\n[consul]\n").unwrap();
+        assert_eq!(bare.services_dir, std::env::current_dir().unwrap().join("services.d"));
         assert_eq!(c.node, "web-1");
         assert!(c.listen.is_none());
         assert!(c.deregister_on_shutdown);

@@ -34,6 +34,8 @@ pub struct DirWatcher {
 impl DirWatcher {
     /// Start watching `dir` (and its parent); `trigger` is notified on any event.
     pub fn new(dir: &Path, trigger: Arc<Notify>) -> notify::Result<Self> {
+        // inotify reports absolute paths: compare (and watch) absolute ones.
+        let dir = &std::path::absolute(dir)?;
         let services = dir.to_path_buf();
         let mut watcher = notify::recommended_watcher(move |result: notify::Result<Event>| {
             match &result {
@@ -111,5 +113,19 @@ mod tests {
         assert!(!concerns(&event("/etc/tether/tether.toml"), dir), "a sibling in the parent");
         assert!(!concerns(&event("/etc/tether/services.d.bak"), dir), "a sibling sharing the name's prefix");
         assert!(concerns(&Event::new(EventKind::Other), dir), "no path: rescan to be safe");
+    }
+
+    /// A relative services directory (`--config tether.toml` with
+    /// `services_dir = "services.d"`) is watched as well as an absolute one.
+    #[tokio::test]
+    async fn a_relative_directory_is_watched() {
+        let cwd = std::env::current_dir().unwrap();
+        let tmp = tempfile::tempdir_in(&cwd).unwrap();
+        let relative = tmp.path().strip_prefix(&cwd).unwrap().join("services.d");
+        std::fs::create_dir(&relative).unwrap();
+        let trigger = Arc::new(Notify::new());
+        let _w = DirWatcher::new(&relative, trigger.clone()).unwrap();
+        std::fs::write(relative.join("a.toml"), "name = \"a\"\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), trigger.notified()).await.expect("the new file is noticed");
     }
 }
