@@ -57,8 +57,13 @@ fn init_logging(format: LogFormat) {
     let (filter, bad) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // The builder's own maximum level is INFO; `filter` decides, so open it fully.
+    // A log line that cannot be written (stderr's reader gone: a closed pipe)
+    // is dropped. tracing-subscriber would report it on stderr with
+    // `eprintln!`, which panics on that same closed pipe and takes the
+    // agent's loop down with it.
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .with_ansi(ansi)
         .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE);
     // journald stamps every line itself.

@@ -283,3 +283,46 @@ fn a_drain_kept_by_an_older_tether_is_picked_up_after_an_upgrade() {
     assert!(out.status.success(), "{out:?}");
     wait_for(T, "the undrain kept on disk", || (std::fs::read_to_string(new.with_extension("drained")).ok()? == "[]").then_some(()));
 }
+
+/// `tether run 2>&1 | head -3`, or a log reader that dies: once stderr's
+/// reader is gone, log lines are dropped and the agent carries on (a service
+/// added later is registered) and stops cleanly on SIGTERM.
+#[test]
+fn a_closed_stderr_pipe_never_stops_the_agent() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let consul = Consul::start();
+    let server = HealthServer::start(0, &[]);
+    let setup = Setup::consul(&consul, "");
+    setup.write_service("a.toml", &service("alpha", server.port));
+    /// Killed if the test fails before it exits (a hung agent ignores SIGTERM).
+    struct Agent(std::process::Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut agent = Agent(
+        Command::new(tether_bin())
+            .args(["run", "--config", setup.config().to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut agent.0;
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("tether starting"), "{line}");
+    drop(stderr); // the reader goes: the next log line meets a closed pipe
+    consul.wait_health("alpha", "passing", T);
+    setup.write_service("b.toml", &service("beta", server.port));
+    consul.wait_health("beta", "passing", T);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_for(T, "tether exits on SIGTERM", || child.try_wait().unwrap());
+    assert!(status.success(), "{status:?}");
+    wait_for(T, "deregistered on the way out", || consul.service_status("alpha").is_none().then_some(()));
+}
