@@ -48,6 +48,9 @@ use writer::{Done, Work};
 
 /// While some write is refused, how often the credential files are looked at.
 const CREDENTIALS_EVERY: Duration = Duration::from_secs(1);
+/// How long queued writes may take at shutdown when registrations are left
+/// to TTL ([`Reconciler::flush`]); systemd's stop timeout is 90 s by default.
+const FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(5);
 /// The loop turns at least this often when idle (the loop-alive mark that
 /// `/healthz` reads, well inside its [`LOOP_STUCK_AFTER`]); more often only
 /// for systemd's watchdog. Every idle wake-up costs a sidecar CPU.
@@ -320,8 +323,41 @@ impl<R: Registry> Reconciler<R> {
         }
     }
 
-    async fn shutdown(self) {
+    /// With registrations left to expire by TTL, what is queued is written
+    /// first (a flip to critical queued as SIGTERM came must not stay passing
+    /// for another TTL), for at most [`FLUSH_ON_SHUTDOWN`].
+    async fn flush(&mut self) {
+        let deadline = Instant::now() + FLUSH_ON_SHUTDOWN;
+        for probe in self.probe_tokens.values() {
+            probe.cancel(); // no new health from here on
+        }
+        loop {
+            if self.writer_busy {
+                match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                    Ok(Some(done)) => {
+                        self.writer_busy = false;
+                        self.core.done(done, Instant::now());
+                    }
+                    _ => return,
+                }
+            }
+            match self.core.take_work(self.max_batch, Instant::now()) {
+                Some(Work::Writes(writes)) if Instant::now() < deadline => {
+                    if self.work_tx.send(Work::Writes(writes)).await.is_err() {
+                        return;
+                    }
+                    self.writer_busy = true;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    async fn shutdown(mut self) {
         systemd::stopping();
+        if !self.deregister_on_shutdown {
+            self.flush().await;
+        }
         let Reconciler { core, probe_tokens, probes, work_tx, writer, lane_cancel, lane, deregister_on_shutdown, drains, .. } = self;
         // The last change of the drained set reaches the disk.
         if let Some((tx, persist)) = drains {

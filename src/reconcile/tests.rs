@@ -484,3 +484,23 @@ async fn a_drain_is_on_disk_when_it_is_answered() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+/// Registrations left to TTL at shutdown (this harness's agent does not
+/// deregister): a flip queued behind a slow write as SIGTERM comes is still
+/// written, not left passing for another TTL.
+#[tokio::test(start_paused = true)]
+async fn a_flip_queued_at_shutdown_is_written_before_registrations_are_left_to_ttl() {
+    let mem = Memory::default();
+    let mut h = Harness::start(mem.clone());
+    h.all_passing(2).await;
+    mem.state().write_delay = Duration::from_millis(500);
+    h.health("s0", false).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // s0's write is out (it takes 500 ms)
+    h.health("s1", false).await; // queued behind it
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(mem.state().writes.iter().all(|w| w.1 == "register"), "neither flip is written yet");
+    h.stop().await;
+    let s = mem.state();
+    assert_eq!(s.records["s0"].2.status, Status::Critical);
+    assert_eq!(s.records["s1"].2.status, Status::Critical, "the queued flip was written at shutdown");
+}
