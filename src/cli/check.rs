@@ -11,7 +11,9 @@ pub(super) async fn check(addr: &str, service_name: &str, timeout: Duration, tls
     let endpoint = match crate::health::rpc::endpoint(addr, timeout, tls, None) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("error: {e}; write the address as host:port");
+            // Only a target that does not parse wants the hint.
+            let hint = if e.starts_with("bad target") { "; write the address as host:port" } else { "" };
+            eprintln!("error: {e}{hint}");
             return ExitCode::from(1);
         }
     };

@@ -32,10 +32,7 @@ pub(super) struct DrainTarget {
 /// --wait) poll until its registry shows it.
 pub(super) fn drain(t: DrainTarget, on: bool) -> ExitCode {
     use crate::control::{request, Request};
-    let path = t.config.clone().unwrap_or_else(|| match &t.instance {
-        Some(i) => std::path::Path::new("/etc/tether").join(i).join("tether.toml"),
-        None => PathBuf::from(agent::DEFAULT_PATH),
-    });
+    let path = super::agent_config_path(t.config.clone(), t.instance.as_deref());
     let config = match agent::load_as(&path, t.instance.as_deref()) {
         Ok(c) => c,
         Err(e) => {

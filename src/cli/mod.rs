@@ -74,8 +74,13 @@ enum Command {
     },
     /// Show what the running agent is doing (reads its /v1/status).
     Status {
-        #[arg(long, default_value = agent::DEFAULT_PATH)]
-        config: PathBuf,
+        /// The agent's config (default /etc/tether/tether.toml, or
+        /// /etc/tether/INSTANCE/tether.toml with --instance).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The agent's instance (as given to `run --instance`).
+        #[arg(long)]
+        instance: Option<String>,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
@@ -127,7 +132,10 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, log_format, instance } => run::run(&config, log_format, instance.as_deref(), &runtime),
         Command::Validate { config, paths, agent_only } => validate::validate(&config, &paths, agent_only),
-        Command::Status { config, json } => runtime.block_on(status::status(&config, json)),
+        Command::Status { config, instance, json } => {
+            let path = agent_config_path(config, instance.as_deref());
+            runtime.block_on(status::status(&path, instance.as_deref(), json))
+        }
         Command::Check { addr, service, timeout, tls, ca_file, cert_file, key_file, server_name } => {
             let cfg = TlsConfig { ca_file, cert_file, key_file, server_name };
             let tls = (tls || cfg.is_set()).then_some(cfg);
@@ -139,6 +147,15 @@ pub fn main() -> ExitCode {
 }
 
 /// The whole command-line definition (for the man pages and completions).
+/// The agent config a command talks about: `--config`, else the default
+/// for `--instance` (as `tether@INSTANCE.service` runs it), else the default.
+fn agent_config_path(config: Option<PathBuf>, instance: Option<&str>) -> PathBuf {
+    config.unwrap_or_else(|| match instance {
+        Some(i) => std::path::Path::new("/etc/tether").join(i).join("tether.toml"),
+        None => PathBuf::from(agent::DEFAULT_PATH),
+    })
+}
+
 /// Tell the user what went wrong: each line of `e` (one error per line, as
 /// configuration errors come) under `error: `, as `tether validate` prints
 /// them; the caller exits 1.

@@ -23,8 +23,8 @@ const DEFAULT_WIDTH: usize = 100;
 /// The LAST ERROR column is never cut shorter than this.
 const MIN_ERROR_WIDTH: usize = 30;
 
-pub(super) async fn status(config: &std::path::Path, json: bool) -> ExitCode {
-    let cfg = match agent::load(config) {
+pub(super) async fn status(config: &std::path::Path, instance: Option<&str>, json: bool) -> ExitCode {
+    let cfg = match agent::load_as(config, instance) {
         Ok(c) => c,
         Err(e) => return super::fail(e),
     };

@@ -80,7 +80,10 @@ pub async fn run<H: Heartbeat>(
                 if retry.is_retrying() {
                     // Not late: the failures were reported (and counted as
                     // registry errors) as they came.
-                    tracing::info!(since_last_success = ?gap, "liveness heartbeat succeeds again");
+                    match gap {
+                        Some(gap) => tracing::info!(since_last_success = ?gap, "liveness heartbeat succeeds again"),
+                        None => tracing::info!("liveness heartbeat succeeds again"),
+                    }
                 } else if let Some(gap) = gap.filter(|gap| *gap > every + every / 2) {
                     m.heartbeat_late.inc();
                     tracing::warn!(gap = ?gap, period = ?every, "liveness heartbeat late");

@@ -27,7 +27,7 @@ pub struct Metrics {
     /// The standard, unprefixed `process_*` metrics (see [`ProcessCollector`]).
     process: Registry,
     backend: String,
-    /// 1 passing, 0 critical, -1 unknown.
+    /// 1 passing, 0 critical, 2 warning, -1 unknown.
     pub service_health: Family<Labels, Gauge>,
     pub service_transitions: Family<Labels, Counter>,
     pub check_duration: Family<Labels, Histogram, LatencyBuckets>,

@@ -207,6 +207,11 @@ fn status_without_agent_says_so() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no tether agent answers"), "{err}");
+    // As drain and undrain, it takes the agent's instance.
+    let out = Command::new(tether_bin()).args(["status", "--instance", "pod-a", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no tether agent answers"), "{err}");
 }
 
 #[test]
