@@ -15,6 +15,11 @@ pub(super) fn err(e: etcd_client::Error) -> RegistryError {
     let kind = match &e {
         E::GRpcStatus(s) if s.code() == tonic::Code::NotFound || s.message().contains("lease not found") => ErrorKind::Missing,
         E::LeaseKeepAliveError(m) if m.contains("not found") => ErrorKind::Missing,
+        // Refusals in form only, that heal by themselves: a user or role
+        // changed between a request's auth check and its apply (etcd 3.4
+        // answers InvalidArgument), a member that lost its leadership or is a
+        // learner (FailedPrecondition).
+        E::GRpcStatus(s) if TRANSIENT_REFUSALS.iter().any(|m| s.message().contains(m)) => ErrorKind::Unavailable,
         E::GRpcStatus(s)
             if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition) =>
         {
@@ -24,6 +29,9 @@ pub(super) fn err(e: etcd_client::Error) -> RegistryError {
     };
     RegistryError::new(kind, format!("etcd: {e}"))
 }
+
+/// etcd 3.4's messages for refusals that heal by themselves.
+const TRANSIENT_REFUSALS: [&str; 3] = ["revision of auth store is old", "not leader", "not supported for learner"];
 
 /// Transient failures worth retrying: a member down, no leader, a lost connection.
 pub(super) fn retryable(e: &etcd_client::Error) -> bool {
@@ -87,4 +95,23 @@ pub(super) async fn client_of(
     *rotation = Some(stamp);
     *client = Some(c.clone());
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_that_heal_are_transient_the_others_permanent() {
+        let status = |code, msg: &str| err(etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg)));
+        use tonic::Code;
+        let class = |e: RegistryError| e.kind.class();
+        use crate::registry::ErrorClass::{Permanent, Transient};
+        assert_eq!(class(status(Code::InvalidArgument, "etcdserver: revision of auth store is old")), Transient);
+        assert_eq!(class(status(Code::FailedPrecondition, "etcdserver: not leader")), Transient);
+        assert_eq!(class(status(Code::FailedPrecondition, "etcdserver: rpc not supported for learner")), Transient);
+        assert_eq!(class(status(Code::PermissionDenied, "etcdserver: permission denied")), Permanent);
+        assert_eq!(class(status(Code::InvalidArgument, "etcdserver: request is too large")), Permanent);
+        assert_eq!(class(status(Code::Unavailable, "etcdserver: leader changed")), Transient);
+    }
 }
