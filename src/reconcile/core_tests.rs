@@ -448,6 +448,26 @@ fn the_first_result_grace_then_registered_critical_waiting() {
     }
 }
 
+/// In sync (READY, /readyz) is reported only once a grace that ran out has
+/// queued its registration, even when the writer asks before the grace's
+/// deadline was handled.
+#[test]
+fn in_sync_waits_for_a_grace_that_ran_out() {
+    let mut sim = Sim::new(true);
+    sim.set(&[("quiet", 1)]);
+    sim.settle();
+    assert_eq!(sim.core.out.in_sync, None, "undecided: not in sync yet");
+    sim.now += Duration::from_millis(3100); // the grace ended; its deadline not yet handled
+    assert!(sim.core.take_work(16, sim.now).is_none());
+    assert_eq!(sim.core.out.in_sync, None, "not before the registration is queued");
+    sim.core.fire(sim.now);
+    sim.outbox();
+    let work = sim.core.take_work(16, sim.now).expect("the registration");
+    sim.finish(work);
+    assert!(sim.core.take_work(16, sim.now).is_none());
+    assert!(sim.core.out.in_sync.is_some(), "then in sync");
+}
+
 #[test]
 fn a_restart_with_health_known_by_the_registry_writes_nothing() {
     let mut sim = Sim::new(true);

@@ -154,7 +154,10 @@ impl Budget {
             self.tokens -= 1.0;
             return Ok(());
         }
-        Err(now + Duration::from_secs_f64((1.0 - self.tokens) / per_sec))
+        // At least a millisecond: a token short by a rounding error would
+        // otherwise come "now", and its timer fire, find no token, and be set
+        // for "now" again, for ever.
+        Err(now + Duration::from_secs_f64((1.0 - self.tokens) / per_sec).max(Duration::from_millis(1)))
     }
 }
 
@@ -164,6 +167,18 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// A bucket a rounding error short of a token waits a moment, never
+    /// "until now" (a timer for now that finds no token is set again for now).
+    #[test]
+    fn the_next_token_is_always_later() {
+        let s = Damping::default();
+        let now = Instant::now();
+        let mut b = Budget { tokens: 1.0 - 1e-12, at: now };
+        let at = b.take(&s, now).unwrap_err();
+        assert!(at > now);
+        assert!(b.take(&s, at).is_ok(), "there by then");
     }
 
     /// Toggle every `every` from `start`, `n` times; returns when the last was.

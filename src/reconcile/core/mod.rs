@@ -412,7 +412,10 @@ impl<V: View> Core<V> {
     /// Once an anti-entropy pass's fixes are written and every new service has
     /// its first result (or its grace ran out): report it.
     fn report_in_sync(&mut self, now: Instant) {
-        if self.undecided == 0 || now >= self.undecided_until {
+        // A deadline already due (a grace that ended: its registration is not
+        // queued yet) is handled first.
+        let due = self.timers.peek().is_some_and(|Reverse((t, _))| *t <= now);
+        if !due && (self.undecided == 0 || now >= self.undecided_until) {
             if let Some(report) = self.in_sync_report.take() {
                 self.out.in_sync = Some(report);
             }
