@@ -6,6 +6,7 @@
 //! SIGHUP, file-system events and a slow periodic resync all trigger the same
 //! full rescan of the services directory.
 
+use crate::config::file::FileStamp;
 use crate::config::scan::{Loader, ServiceSet};
 use crate::config::watch::{DirWatcher, DEBOUNCE};
 use crate::config::{agent, AgentConfig, BackendConfig};
@@ -109,10 +110,17 @@ impl Pipeline<'_> {
         };
         let mut loader = Loader::new(config.services_dir.clone(), config.defaults());
         let mut scanner = Scanner { last: None, errors: BTreeSet::new(), telemetry: self.telemetry.clone() };
+        // The agent file is read once: a reload that finds it changed says so.
+        let (agent_file, mut agent_file_warned) = (FileStamp::of(&config.path), false);
         loop {
             let reloading = self.sighup.swap(false, Ordering::Relaxed);
             if reloading {
                 systemd::reloading();
+                let changed = FileStamp::of(&config.path) != agent_file;
+                if changed && !agent_file_warned {
+                    tracing::warn!(file = %config.path.display(), "the agent file changed since tether started; a reload reads only the services directory, so its changes take effect at the next restart (systemctl restart)");
+                }
+                agent_file_warned = changed;
             }
             if let Some(set) = scanner.scan(&mut loader) {
                 if desired_tx.send(set).await.is_err() {

@@ -205,8 +205,12 @@ fn drain_and_undrain_on_consul_survive_a_reload() {
     consul.wait_health("alpha", "critical", T);
     server.set("serving");
     consul.wait_health("alpha", "passing", T);
+    // An edited agent file is not read by a reload, and the reload says so.
+    let edited = std::fs::read_to_string(setup.config()).unwrap() + "# edited\n";
+    std::fs::write(setup.config(), edited).unwrap();
     tether.signal(Signal::SIGHUP);
     tether.wait_log("SIGHUP", T);
+    tether.wait_log("the agent file changed since tether started", T);
     holds_for(Duration::from_secs(3), LOOK, || assert!(consul.checks().contains_key("_service_maintenance:alpha"), "alpha stays drained"));
     let state = cli_ok(&tether, &["drain", "alpha"]);
     assert!(state.contains("drained alpha"), "{state}");
