@@ -580,7 +580,9 @@ impl Registry for Consul {
             .and_then(|s| s.meta.as_ref()?.get("tether-ttl").cloned())
             .and_then(|t| crate::config::duration::parse(&t).ok())
             .map_or(Duration::from_secs(5), |ttl| ttl / 3);
-        let until = tokio::time::Instant::now() + crate::identity::watch_window(period);
+        let window = crate::identity::watch_window(period);
+        tracing::info!(check = %check_id, window = ?window, "tether's liveness check is still passing (an earlier run that crashed, or another agent with this identity): watching it before starting");
+        let until = tokio::time::Instant::now() + window;
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(crate::identity::SAMPLE_EVERY).await;
             let checks = client.checks().await.map_err(err)?;

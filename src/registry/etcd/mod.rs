@@ -457,7 +457,9 @@ impl Registry for Etcd {
         // seconds, so watch for longer than one period and compare.
         let granted = first.granted_ttl().max(1);
         let period = (granted as u64).div_ceil(3) as i64;
-        let until = tokio::time::Instant::now() + crate::identity::watch_window(Duration::from_secs(period as u64));
+        let window = crate::identity::watch_window(Duration::from_secs(period as u64));
+        tracing::info!(window = ?window, "tether's agent key is still on a live lease (an earlier run that crashed, or another agent with this identity): watching it before starting");
+        let until = tokio::time::Instant::now() + window;
         let mut last = first.ttl();
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(crate::identity::SAMPLE_EVERY).await;
