@@ -147,6 +147,7 @@ fn same_identity_is_refused_on_consul_and_a_crash_restart_is_not() {
     ta.wait_log("anti-entropy: registry in sync", T);
     wait_for(T, "orders passing (its alias follows the new run's first beat)", || passing(&consul, &id).then_some(()));
     assert!(!ta.log().contains("registered service="), "adopted without churn:\n{}", ta.log());
+    assert!(ta.log().contains("watching it before starting"), "the wait is explained:\n{}", ta.log());
 }
 
 #[test]
