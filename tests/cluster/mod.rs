@@ -182,14 +182,23 @@ fn a_flip_during_a_leader_election_arrives() {
     assert_ne!(new, old);
     eprintln!("server-{old} (leader) killed; server-{new} leads after {:?}", killed.elapsed());
     let index = wait_passing(&cluster, &tether, "orders", index, &[], Duration::from_secs(30));
-    // And back, still on two servers.
+    // And back, still on two servers. Client agent A may have cached an "ACL
+    // not found" from the election for its token_ttl (30 s, Consul 1.8's
+    // default): tether's writes and beats are refused until it expires, and
+    // retried (a transient error), so the flip arrives within that, not at once.
     orders.set("serving");
-    wait_passing(&cluster, &tether, "orders", index, &["orders-1"], T);
-    wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), T, &tether);
+    let healed = Duration::from_secs(60);
+    wait_passing(&cluster, &tether, "orders", index, &["orders-1"], healed);
+    wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), healed, &tether);
     let log = tether.log();
-    let errors: Vec<&str> =
-        log.lines().filter(|l| l.contains("tether::reconcile") && (l.contains("failed") || l.contains("refused"))).collect();
+    // Agent A answers throughout the election, or at most with that
+    // transient "ACL not found"; never a refusal that holds a service back.
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tether::reconcile") && (l.contains("failed") || l.contains("refused")) && !l.contains("ACL not found"))
+        .collect();
     assert!(errors.is_empty(), "agent A answered tether throughout the election:\n{}", errors.join("\n"));
+    assert!(!log.contains("the registry refused this service's write"), "{log}");
 
     cluster.start_server(old);
     wait_catalog(&cluster, &expected(&[("orders-1", true), ("orders-audit-1", true)]), T, &tether);
