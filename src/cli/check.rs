@@ -10,12 +10,7 @@ pub(super) async fn check(addr: &str, service_name: &str, timeout: Duration, tls
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let endpoint = match crate::health::rpc::endpoint(addr, timeout, tls, None) {
         Ok(e) => e,
-        Err(e) => {
-            // Only a target that does not parse wants the hint.
-            let hint = if e.starts_with("bad target") { "; write the address as host:port" } else { "" };
-            eprintln!("error: {e}{hint}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return super::fail(e),
     };
     let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
         Ok(Ok(c)) => c,

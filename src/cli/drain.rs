@@ -35,9 +35,7 @@ pub(super) fn drain(t: DrainTarget, on: bool) -> ExitCode {
     let path = super::agent_config_path(t.config.clone(), t.instance.as_deref());
     let config = match agent::load_as(&path, t.instance.as_deref()) {
         Ok(c) => c,
-        Err(e) => {
-            return super::fail(e);
-        }
+        Err(e) => return super::fail(e),
     };
     let socket = config.control_socket();
     let ids = t.ids.clone();
@@ -45,9 +43,7 @@ pub(super) fn drain(t: DrainTarget, on: bool) -> ExitCode {
     let verb = if on { "drained" } else { "undrained" };
     let answer = match request(&socket, &req) {
         Ok(r) => r,
-        Err(e) => {
-            return super::fail(e);
-        }
+        Err(e) => return super::fail(e),
     };
     if let Some(e) = answer.error {
         return super::fail(e);
@@ -71,18 +67,15 @@ pub(super) fn drain(t: DrainTarget, on: bool) -> ExitCode {
                 }
                 return ExitCode::SUCCESS;
             }
-            Ok(r) if r.error.is_some() => {
-                eprintln!("error: {}", r.error.unwrap_or_default());
-                return ExitCode::from(1);
-            }
+            Ok(r) if r.error.is_some() => return super::fail(r.error.unwrap_or_default()),
             Ok(_) => {}
-            Err(e) => {
-                return super::fail(e);
-            }
+            Err(e) => return super::fail(e),
         }
         if std::time::Instant::now() >= deadline {
-            eprintln!("error: the registry does not show it yet after {}; see `tether status`", humantime::format_duration(t.timeout));
-            return ExitCode::from(1);
+            return super::fail(format!(
+                "the registry does not show it yet after {}; see `tether status`",
+                humantime::format_duration(t.timeout)
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

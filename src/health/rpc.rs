@@ -71,7 +71,7 @@ pub async fn watch(channel: Channel, request: Request<HealthCheckRequest>) -> Re
 pub fn endpoint(target: &str, connect_timeout: Duration, tls: Option<&TlsConfig>, authority: Option<&str>) -> Result<Endpoint, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{target}"))
-        .map_err(|e| format!("bad target {target:?}: {e}"))?
+        .map_err(|e| format!("bad target {target:?}: {e}; write the address as host:port"))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .tcp_keepalive(Some(Duration::from_secs(10)));

@@ -142,8 +142,7 @@ impl<R: Registry> Reconciler<R> {
     /// drains in `drains` (drains left there by an earlier run apply to the
     /// services as they come).
     pub fn with_control(mut self, commands: mpsc::Receiver<control::Command>, drains: DrainFile) -> Self {
-        let kept = drains.ids().clone();
-        self.core.keep_drains(kept.clone());
+        self.core.keep_drains(drains.ids().clone());
         let (tx, rx) = mpsc::unbounded_channel();
         self.drains = Some((tx, tokio::spawn(persist_drains(drains, rx))));
         self.control = Some(commands);
@@ -342,8 +341,8 @@ impl<R: Registry> Reconciler<R> {
                 }
             }
             match self.core.take_work(self.max_batch, Instant::now()) {
-                Some(Work::Writes(writes)) if Instant::now() < deadline => {
-                    if self.work_tx.send(Work::Writes(writes)).await.is_err() {
+                Some(work @ Work::Writes(_)) if Instant::now() < deadline => {
+                    if self.work_tx.send(work).await.is_err() {
                         return;
                     }
                     self.writer_busy = true;
